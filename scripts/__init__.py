@@ -1,0 +1,1 @@
+"""Helpers for the latent-diffusion enhancement bundle: what MONAI itself does not provide."""

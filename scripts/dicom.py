@@ -1,0 +1,221 @@
+"""DICOM series to volume (and back), with the geometry checks a PACS export needs.
+
+Reading: slices are grouped by SeriesInstanceUID, ordered by ImagePositionPatient projected on the slice
+normal, the slice spacing is taken from those positions (never from SliceThickness), and values are rescaled
+with RescaleSlope/RescaleIntercept (HU for CT). Non-uniform spacing, gantry tilt, mixed orientations or sizes
+are refused with an error that says what was found.
+
+Command line: ``python -m scripts.dicom convert DICOM_DIR OUT.nii.gz [--series_uid UID]`` and
+``python -m scripts.dicom list DICOM_DIR``.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from monai.data import MetaTensor
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import generate_uid
+
+from scripts.volumes import VolumeError, check_volume, load_volume, save_volume
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+SPACING_TOLERANCE = 0.01  # relative deviation of a slice gap from the median gap
+TILT_TOLERANCE_DEG = 0.5
+
+
+def _headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
+    """Every DICOM image header below ``folder``; files that are not DICOM are skipped."""
+    found = []
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except (InvalidDicomError, EOFError, OSError):
+            continue
+        if "ImagePositionPatient" in ds or "PixelSpacing" in ds or "SeriesInstanceUID" in ds:
+            found.append((f, ds))
+    return found
+
+
+def list_series(folder: str | Path) -> dict[str, dict]:
+    """Series found in ``folder``: UID -> modality, description, number of files, first file."""
+    folder = Path(folder)
+    series: dict[str, dict] = defaultdict(lambda: {"files": 0})
+    for f, ds in _headers(folder):
+        s = series[str(ds.get("SeriesInstanceUID", "unknown"))]
+        s["files"] += 1
+        s.setdefault("modality", str(ds.get("Modality", "")))
+        s.setdefault("description", str(ds.get("SeriesDescription", "")))
+        s.setdefault("first_file", str(f))
+    return dict(series)
+
+
+def _describe(series: dict[str, dict]) -> str:
+    return "\n".join(
+        f"  {uid}: {s['modality']} '{s['description']}', {s['files']} files" for uid, s in series.items()
+    )
+
+
+def read_series(folder: str | Path, series_uid: str | None = None) -> MetaTensor:
+    """Read one DICOM series from ``folder`` as a float32 ``(1, X, Y, Z)`` MetaTensor with a RAS affine.
+
+    With several series in the folder, ``series_uid`` picks one; without it the error lists them all.
+    """
+    folder = Path(folder)
+    headers = _headers(folder)
+    if not headers:
+        raise VolumeError(f"{folder}: no DICOM image files found")
+    by_series: dict[str, list] = defaultdict(list)
+    for f, ds in headers:
+        by_series[str(ds.get("SeriesInstanceUID", "unknown"))].append((f, ds))
+    if series_uid is None:
+        if len(by_series) > 1:
+            raise VolumeError(
+                f"{folder}: holds {len(by_series)} series; choose one with series_uid:\n{_describe(list_series(folder))}"
+            )
+        series_uid = next(iter(by_series))
+    if series_uid not in by_series:
+        raise VolumeError(f"{folder}: no series {series_uid}; found:\n{_describe(list_series(folder))}")
+    files = by_series[series_uid]
+    first = files[0][1]
+    if int(first.get("NumberOfFrames", 1) or 1) > 1:
+        raise VolumeError(f"{files[0][0]}: multi-frame (enhanced) DICOM is not supported; export single frames")
+    for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        missing = [str(f) for f, ds in files if key not in ds]
+        if missing:
+            raise VolumeError(f"{missing[0]}: missing {key}; cannot place the slice in space")
+    if len(files) < 2:
+        raise VolumeError(f"{folder}: series {series_uid} has a single slice; a 3D volume needs at least two")
+
+    iop = np.array([float(v) for v in first.ImageOrientationPatient])
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    for f, ds in files:
+        if not np.allclose([float(v) for v in ds.ImageOrientationPatient], iop, atol=1e-4):
+            raise VolumeError(f"{f}: ImageOrientationPatient differs from the rest of series {series_uid}")
+        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+            raise VolumeError(f"{f}: {ds.Rows}x{ds.Columns} pixels, other slices have {first.Rows}x{first.Columns}")
+        if not np.allclose([float(v) for v in ds.PixelSpacing], [float(v) for v in first.PixelSpacing], rtol=1e-4):
+            raise VolumeError(f"{f}: PixelSpacing differs from the rest of series {series_uid}")
+
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in files])
+    order = np.argsort(positions @ normal, kind="stable")
+    files = [files[i] for i in order]
+    positions = positions[order]
+    gaps = np.diff(positions @ normal)
+    if np.any(gaps < 1e-3):
+        k = int(np.argmin(gaps))
+        raise VolumeError(f"{files[k + 1][0]}: duplicate slice position (same as {files[k][0]})")
+    spacing_z = float(np.median(gaps))
+    bad = np.abs(gaps - spacing_z) > SPACING_TOLERANCE * spacing_z
+    if np.any(bad):
+        k = int(np.argmax(bad))
+        raise VolumeError(
+            f"{folder}: non-uniform slice spacing in series {series_uid}: gap of {gaps[k]:.3f} mm between "
+            f"{files[k][0].name} and {files[k + 1][0].name}, median {spacing_z:.3f} mm (missing slices?); "
+            "resample or export the series again"
+        )
+    steps = np.diff(positions, axis=0)
+    cosines = (steps @ normal) / np.linalg.norm(steps, axis=1)
+    tilt = float(np.degrees(np.arccos(np.clip(cosines.min(), -1, 1))))
+    if tilt > TILT_TOLERANCE_DEG:
+        raise VolumeError(
+            f"{folder}: gantry tilt of {tilt:.2f} degrees in series {series_uid} (slices are sheared); "
+            "correct the tilt (resample to an orthogonal grid) before enhancement"
+        )
+
+    slices = []
+    for f, _ in files:
+        try:
+            ds = pydicom.dcmread(f)
+            pixels = ds.pixel_array.astype(np.float32)
+        except Exception as e:
+            raise VolumeError(f"{f}: cannot decode pixel data ({type(e).__name__}: {e})") from e
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        slices.append(pixels * slope + intercept)
+    data = np.stack([s.T for s in slices], axis=-1)  # (columns, rows, slices) = (X, Y, Z)
+
+    row_mm, col_mm = (float(v) for v in first.PixelSpacing)  # between rows, between columns
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_mm
+    lps[:3, 1] = col_dir * row_mm
+    lps[:3, 2] = normal * spacing_z
+    lps[:3, 3] = positions[0]
+    affine = LPS_TO_RAS @ lps
+    check_volume(data, affine, str(folder))
+    meta = {
+        "affine": torch.as_tensor(affine),
+        "original_affine": torch.as_tensor(affine),
+        "space": "RAS",
+        "modality": str(first.get("Modality", "")),
+        "series_uid": series_uid,
+        "filename_or_obj": str(folder),
+    }
+    return MetaTensor(torch.as_tensor(data)[None], meta=meta)
+
+
+def write_series(
+    volume: np.ndarray | torch.Tensor,
+    affine: np.ndarray,
+    template: pydicom.Dataset,
+    out_dir: str | Path,
+    description: str = "derived",
+) -> list[Path]:
+    """Write a 3D volume (real units, RAS affine) as single-frame DICOM slices that copy ``template``'s
+    patient and study tags, with new series and instance UIDs and exact HU via RescaleSlope/Intercept."""
+    vol = np.asarray(volume.detach().cpu() if isinstance(volume, torch.Tensor) else volume, dtype=np.float64)
+    vol = vol.reshape(vol.shape[-3:])
+    lps = np.linalg.inv(LPS_TO_RAS) @ np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    dirs = lps[:3, :3] / spacing
+    lo = float(np.floor(vol.min()))
+    slope = max(1.0, float(np.ceil((vol.max() - lo) / 65535)))
+    series_uid = generate_uid()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(vol.shape[2]):
+        ds = template.copy()
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.SeriesDescription = description
+        ds.SeriesDate = datetime.date.today().strftime("%Y%m%d")
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [float(v) for v in (lps[:3, 3] + lps[:3, 2] * k)]
+        ds.ImageOrientationPatient = [float(v) for v in np.concatenate([dirs[:, 0], dirs[:, 1]])]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]
+        ds.SliceThickness = float(spacing[2])
+        ds.Rows, ds.Columns = vol.shape[1], vol.shape[0]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.RescaleSlope, ds.RescaleIntercept = slope, lo
+        stored = np.rint((vol[:, :, k].T - lo) / slope).clip(0, 65535).astype(np.uint16)
+        ds.PixelData = stored.tobytes()
+        path = out_dir / f"slice_{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def convert(dicom_dir: str, output: str, series_uid: str | None = None, dtype: str = "float32") -> str:
+    """Convert one DICOM series to NIfTI, keeping its affine (RAS) and real units."""
+    image = load_volume(dicom_dir, series_uid=series_uid)
+    return str(save_volume(image, image.affine, output, dtype=dtype))
+
+
+def main() -> None:
+    import fire
+
+    fire.Fire({"convert": convert, "list": lambda dicom_dir: list_series(dicom_dir)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Image-quality metrics as plain functions and as a MONAI cumulative metric for Ignite evaluators.
+
+Scoring conventions (documented in docs/README.md):
+- CT: PSNR and SSIM on HU clipped to ``CT_WINDOW`` (-1000..1000 HU, data range 2000); MAE on raw HU over the
+  whole volume; HU-MAE on raw HU inside the body mask of the reference.
+- MR: both volumes divided by the reference's 99.5th percentile (``mr_scale``); PSNR/SSIM with data range 1,
+  MAE in those units.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.metrics import CumulativeIterationMetric
+from monai.metrics.regression import compute_ssim_and_cs
+from monai.utils import MetricReduction
+from scipy import ndimage
+
+CT_WINDOW = (-1000.0, 1000.0)
+BODY_THRESHOLD_HU = -500.0
+MR_PERCENTILE = 99.5
+
+
+def _t(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).double()
+
+
+def psnr(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, data_range: float) -> float:
+    """Peak signal-to-noise ratio in dB: ``10 log10(data_range^2 / MSE)``; ``inf`` for identical inputs."""
+    mse = float(torch.mean((_t(pred) - _t(ref)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range**2 / mse))
+
+
+def ssim(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, data_range: float) -> float:
+    """3D SSIM (Gaussian window, sigma 1.5, size 11 or the smallest odd size that fits), via MONAI."""
+    p, r = _t(pred), _t(ref)
+    size = min(11, *[s if s % 2 else s - 1 for s in r.shape[-3:]])
+    if size < 3:
+        raise ValueError(f"volume of shape {tuple(r.shape)} is too small for 3D SSIM")
+    val, _ = compute_ssim_and_cs(
+        p.reshape(1, 1, *p.shape[-3:]),
+        r.reshape(1, 1, *r.shape[-3:]),
+        spatial_dims=3,
+        kernel_size=[size] * 3,
+        kernel_sigma=[1.5] * 3,
+        data_range=data_range,
+        kernel_type="gaussian",
+        k1=0.01,
+        k2=0.03,
+    )
+    return float(val.mean())
+
+
+def mae(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, mask: np.ndarray | None = None) -> float:
+    """Mean absolute error, over ``mask`` when given."""
+    diff = torch.abs(_t(pred) - _t(ref))
+    if mask is not None:
+        m = torch.as_tensor(np.asarray(mask, dtype=bool))
+        if not bool(m.any()):
+            raise ValueError("the mask is empty")
+        diff = diff[m.expand_as(diff)]
+    return float(diff.mean())
+
+
+def body_mask(ref_hu: np.ndarray | torch.Tensor, threshold: float = BODY_THRESHOLD_HU) -> np.ndarray:
+    """Body of a CT volume: voxels above ``threshold`` HU, holes filled per axial slice, largest component."""
+    v = np.asarray(_t(ref_hu)).reshape(_t(ref_hu).shape[-3:]) > threshold
+    for k in range(v.shape[-1]):
+        v[..., k] = ndimage.binary_fill_holes(v[..., k])
+    labels, n = ndimage.label(v)
+    if n > 1:
+        sizes = ndimage.sum(v, labels, index=range(1, n + 1))
+        v = labels == (1 + int(np.argmax(sizes)))
+    return v
+
+
+def mr_scale(ref: np.ndarray | torch.Tensor) -> float:
+    """Normalisation constant for MR scoring: the reference's 99.5th percentile."""
+    s = float(np.percentile(np.asarray(_t(ref)), MR_PERCENTILE))
+    if s <= 0:
+        raise ValueError("reference MR volume has no positive signal")
+    return s
+
+
+def score(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, modality: str = "ct") -> dict[str, float]:
+    """All metrics for one volume pair, following the conventions in this module's docstring."""
+    p, r = _t(pred), _t(ref)
+    if p.shape[-3:] != r.shape[-3:]:
+        raise ValueError(f"shape mismatch: prediction {tuple(p.shape)} vs reference {tuple(r.shape)}")
+    if modality == "ct":
+        lo, hi = CT_WINDOW
+        pc, rc = p.clamp(lo, hi), r.clamp(lo, hi)
+        return {
+            "psnr": psnr(pc, rc, hi - lo),
+            "ssim": ssim(pc, rc, hi - lo),
+            "mae": mae(p, r),
+            "hu_mae_body": mae(p, r, body_mask(r)),
+        }
+    if modality == "mr":
+        s = mr_scale(r)
+        return {"psnr": psnr(p / s, r / s, 1.0), "ssim": ssim(p / s, r / s, 1.0), "mae": mae(p / s, r / s)}
+    raise ValueError(f"unknown modality {modality!r}; use 'ct' or 'mr'")
+
+
+class BodyMAEMetric(CumulativeIterationMetric):
+    """MAE inside the body mask of each reference (CT, in HU), for MONAI/Ignite evaluators.
+
+    Use with ``monai.handlers.IgniteMetricHandler(metric_fn=BodyMAEMetric())`` on batches ``(B, 1, X, Y, Z)``
+    already in HU.
+    """
+
+    def __init__(self, threshold: float = BODY_THRESHOLD_HU, reduction: MetricReduction | str = "mean") -> None:
+        super().__init__()
+        self.threshold, self.reduction = threshold, reduction
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        values = [mae(p, r, body_mask(r.detach().cpu(), self.threshold)) for p, r in zip(y_pred.detach().cpu(),
+                                                                                       y.detach().cpu())]
+        return torch.tensor(values, dtype=torch.float32)[:, None]
+
+    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("the data to aggregate must be a PyTorch Tensor")
+        return data.mean() if (reduction or self.reduction) == "mean" else data
