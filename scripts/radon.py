@@ -32,7 +32,7 @@ def radon(images: torch.Tensor, pixel_mm: float, n_views: int = 360, chunk: int 
     b, h, w = images.shape
     n = padded_size(h, w)
     py, px = (n - h) // 2, (n - w) // 2
-    padded = F.pad(images, (px, n - w - px, py, n - h - py))[None]  # (1, B, n, n)
+    padded = F.pad(images, (px, n - w - px, py, n - h - py))[:, None]  # (B, 1, n, n): faster than channels
     coords = (torch.arange(n, dtype=torch.float64, device=images.device) - (n - 1) / 2) / ((n - 1) / 2)
     t, s = coords[:, None], coords[None, :]  # detector position, position along the ray
     views = []
@@ -40,7 +40,7 @@ def radon(images: torch.Tensor, pixel_mm: float, n_views: int = 360, chunk: int 
         c, si = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
         x = t * c - s * si
         y = t * si + s * c
-        grid = torch.stack([x, y], dim=-1).reshape(1, -1, n, 2).to(images.dtype)
+        grid = torch.stack([x, y], dim=-1).reshape(1, -1, n, 2).to(images.dtype).expand(b, -1, -1, -1)
         sampled = F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         views.append(sampled.reshape(b, len(theta), n, n).sum(-1))
     return torch.cat(views, dim=1) * pixel_mm
@@ -78,13 +78,13 @@ def fbp(
     xs = (torch.arange(width, dtype=torch.float64, device=sinogram.device) - (width - 1) / 2)[None, :]
     angles = view_angles(n_views, sinogram.device)
     image = sinogram.new_zeros(b, height, width)
-    source = filtered[None]  # (1, B, n_views, n_det): views along "y", detector along "x"
+    source = filtered[:, None]  # (B, 1, n_views, n_det): views along "y", detector along "x"
     for idx in torch.arange(n_views, device=sinogram.device).split(chunk):
         theta = angles[idx][:, None, None]
         t = xs * torch.cos(theta) + ys * torch.sin(theta)  # detector coordinate in pixels
         gx = t / ((n_det - 1) / 2)
         gy = (idx.double()[:, None, None] * 2 / max(n_views - 1, 1) - 1).expand_as(gx)
-        grid = torch.stack([gx, gy], dim=-1).reshape(1, -1, width, 2).to(sinogram.dtype)
+        grid = torch.stack([gx, gy], dim=-1).reshape(1, -1, width, 2).to(sinogram.dtype).expand(b, -1, -1, -1)
         sampled = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         image += sampled.reshape(b, len(idx), height, width).sum(1)
     return image * (math.pi / (2 * n_views)) / pixel_mm
