@@ -11,6 +11,7 @@ Command line: ``python -m scripts.dicom convert DICOM_DIR OUT.nii.gz [--series_u
 
 from __future__ import annotations
 
+import copy
 import datetime
 from collections import defaultdict
 from pathlib import Path
@@ -180,7 +181,7 @@ def write_series(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(vol.shape[2]):
-        ds = template.copy()
+        ds = copy.deepcopy(template)
         ds.SeriesInstanceUID = series_uid
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -1,0 +1,102 @@
+"""Metrics against hand-computed values, and the classical baselines."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import SSIMMetric
+
+from scripts.baselines import gaussian_denoise, nlm_denoise
+from scripts.metrics import BodyMAEMetric, body_mask, mae, mr_scale, psnr, score, ssim
+from tests.conftest import ct_phantom
+
+
+def _cylinder(shape):
+    """The phantom's body, drawn independently of ``body_mask``."""
+    x, y, _ = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij")
+    return x**2 + y**2 < (min(shape[:2]) * 0.42) ** 2
+
+
+def test_psnr_by_hand():
+    ref = np.zeros((4, 4, 4))
+    pred = ref + 10.0  # MSE 100
+    assert psnr(pred, ref, data_range=1000.0) == pytest.approx(10 * math.log10(1000.0**2 / 100))
+    assert psnr(ref, ref, 1.0) == float("inf")
+
+
+def test_ssim_by_hand_on_constant_volumes():
+    a, b, L = 0.6, 0.4, 1.0
+    c1 = (0.01 * L) ** 2
+    expected = (2 * a * b + c1) / (a**2 + b**2 + c1)  # variances are zero: the contrast term is 1
+    got = ssim(np.full((12, 12, 12), a), np.full((12, 12, 12), b), L)
+    assert got == pytest.approx(expected, rel=1e-5)
+    x = np.random.RandomState(0).rand(12, 12, 12)
+    assert ssim(x, x, 1.0) == pytest.approx(1.0)
+    noisy = x + 0.3 * np.random.RandomState(1).rand(12, 12, 12)
+    monai_value = SSIMMetric(spatial_dims=3, data_range=1.0)(torch.as_tensor(noisy)[None, None],
+                                                              torch.as_tensor(x)[None, None])
+    assert ssim(noisy, x, 1.0) == pytest.approx(float(monai_value.mean()), abs=1e-4)
+    assert ssim(noisy, x, 1.0) < 0.95
+
+
+def test_mae_with_and_without_mask():
+    ref = np.zeros((2, 2, 2))
+    pred = np.arange(8, dtype=float).reshape(2, 2, 2)
+    assert mae(pred, ref) == pytest.approx(3.5)
+    mask = np.zeros((2, 2, 2), bool)
+    mask[1] = True
+    assert mae(pred, ref, mask) == pytest.approx((4 + 5 + 6 + 7) / 4)
+    with pytest.raises(ValueError, match="empty"):
+        mae(pred, ref, np.zeros((2, 2, 2), bool))
+
+
+def test_body_mask_fills_lungs_and_drops_the_table():
+    vol, _ = ct_phantom(shape=(48, 48, 6))
+    vol[:, 45:, :] = 200.0  # a separate table under the patient
+    m = body_mask(vol)
+    np.testing.assert_array_equal(m[:, :45], _cylinder(vol.shape)[:, :45])  # lung (-800 HU) inside the body counts as body
+    assert not m[:, 45:, :].any()
+
+
+def test_score_ct_uses_the_window_and_the_body():
+    vol, _ = ct_phantom(shape=(24, 24, 12))
+    pred = vol.copy()
+    pred[_cylinder(vol.shape)] += 10.0  # 10 HU error inside the body (lungs included) only
+    s = score(pred, vol, "ct")
+    assert s["hu_mae_body"] == pytest.approx(10.0)
+    assert s["mae"] < 10.0
+    assert s["psnr"] > 40
+    with pytest.raises(ValueError, match="shape mismatch"):
+        score(pred[:, :, :6], vol, "ct")
+
+
+def test_score_mr_normalises_by_the_reference_percentile():
+    ref = np.random.RandomState(0).rand(16, 16, 16) * 500
+    s = score(ref * 1.02, ref, "mr")
+    assert s["mae"] == pytest.approx(0.02 * ref.mean() / mr_scale(ref), rel=1e-6)
+
+
+def test_body_mae_metric_for_evaluators():
+    vol, _ = ct_phantom(shape=(24, 24, 12))
+    ref = torch.as_tensor(vol)[None, None].repeat(2, 1, 1, 1, 1)
+    pred = ref.clone()
+    body = torch.as_tensor(_cylinder(vol.shape))[None]
+    pred[0][body] += 4.0
+    pred[1][body] -= 8.0
+    metric = BodyMAEMetric()
+    metric(pred, ref)
+    assert metric.aggregate().item() == pytest.approx(6.0)
+
+
+def test_denoising_baselines_reduce_noise():
+    vol, affine = ct_phantom(shape=(48, 48, 6))
+    clean = torch.as_tensor(vol, dtype=torch.float64)
+    noisy = clean + 60.0 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    before = mae(noisy, clean)
+    flat = (slice(20, 28), slice(4, 12))  # inside the water, away from edges
+    smoothed = gaussian_denoise(noisy, affine, 1.0)
+    assert (smoothed - clean)[flat].std() < 0.5 * (noisy - clean)[flat].std()
+    assert mae(nlm_denoise(noisy), clean) < 0.5 * before
