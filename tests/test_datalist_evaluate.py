@@ -1,0 +1,85 @@
+"""Patient-wise datalists and the evaluation report."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from scripts.datalist import make_datalist, read_datalist
+from scripts.evaluate import evaluate
+from scripts.volumes import VolumeError
+from tests.conftest import ct_phantom
+from tests.test_dicom import make_series
+
+
+def _touch_nifti(path, value=0.0):
+    vol, affine = ct_phantom(shape=(16, 16, 12))
+    nib.save(nib.Nifti1Image((vol + value).astype(np.float32), affine), path)
+    return path
+
+
+def test_split_keeps_each_patient_in_one_list(tmp_path):
+    for patient in range(10):
+        for visit in range(3):
+            _touch_nifti(tmp_path / f"pat{patient:02d}_visit{visit}.nii.gz")
+    out = tmp_path / "datalist.json"
+    dl = make_datalist(str(tmp_path), str(out), patient_pattern=r"(?P<patient>pat\d+)_", val_fraction=0.2,
+                       test_fraction=0.2, num_folds=3, seed=1)
+    assert json.loads(out.read_text()) == dl
+    groups = {k: {e["patient"] for e in dl[k]} for k in ("training", "validation", "testing")}
+    assert [len(groups[k]) for k in ("training", "validation", "testing")] == [6, 2, 2]
+    assert not (groups["training"] & groups["validation"] or groups["training"] & groups["testing"]
+                or groups["validation"] & groups["testing"])
+    folds = {}
+    for e in dl["training"]:
+        folds.setdefault(e["patient"], set()).add(e["fold"])
+    assert all(len(f) == 1 for f in folds.values())  # a patient's visits share one fold
+    items = read_datalist(str(out), "training")
+    assert len(items) == 18 and all(str(tmp_path) in i["image"] for i in items)
+
+
+def test_dicom_folders_use_patient_id(tmp_path):
+    make_series(tmp_path / "a", n=2)
+    make_series(tmp_path / "b", n=2)
+    dl = make_datalist(str(tmp_path), str(tmp_path / "dl.json"), val_fraction=0.0)
+    # both folders are copies of the same real patient, so they must stay together
+    assert len({e["patient"] for e in dl["training"]}) == 1 and len(dl["training"]) == 2
+
+
+def test_bad_datalists_say_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json: datalist not found"):
+        read_datalist(str(tmp_path / "missing.json"))
+    (tmp_path / "empty.json").write_text(json.dumps({"training": []}))
+    with pytest.raises(ValueError, match="'training' list is missing or empty"):
+        read_datalist(str(tmp_path / "empty.json"))
+    (tmp_path / "gone.json").write_text(json.dumps({"training": [{"image": "nothere.nii.gz"}]}))
+    with pytest.raises(FileNotFoundError, match="nothere.nii.gz listed in 'training' does not exist"):
+        read_datalist(str(tmp_path / "gone.json"))
+
+
+def test_evaluate_writes_json_csv_and_montages(tmp_path):
+    ref = _touch_nifti(tmp_path / "ref.nii.gz")
+    good = _touch_nifti(tmp_path / "good.nii.gz", 5.0)
+    bad = _touch_nifti(tmp_path / "bad.nii.gz", 50.0)
+    cases = [
+        {"name": "a", "method": "good", "output": str(good), "reference": str(ref), "input": str(bad)},
+        {"name": "b", "method": "bad", "output": str(bad), "reference": str(ref)},
+    ]
+    report = evaluate(cases, str(tmp_path / "eval"), "ct")
+    assert report["mean_by_method"]["good"]["mae"] == pytest.approx(5.0, rel=1e-5)
+    assert report["mean_by_method"]["good"]["psnr"] > report["mean_by_method"]["bad"]["psnr"]
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "report.csv")))
+    assert [r["name"] for r in rows] == ["a", "b"]
+    assert (tmp_path / "eval" / "a.png").stat().st_size > 10_000
+
+
+def test_evaluate_refuses_mismatched_grids(tmp_path):
+    ref = _touch_nifti(tmp_path / "ref.nii.gz")
+    vol, affine = ct_phantom(shape=(16, 16, 6))
+    nib.save(nib.Nifti1Image(vol, affine), tmp_path / "thick.nii.gz")
+    with pytest.raises(VolumeError, match="does not match reference"):
+        evaluate([{"output": str(tmp_path / "thick.nii.gz"), "reference": str(ref)}], str(tmp_path / "e"))
