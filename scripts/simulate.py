@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from scripts.degradations import (
+    DEFAULT_PHOTONS,
     RandBlurd,
     RandKSpaceTruncated,
     RandLowDoseCTd,
@@ -31,7 +32,7 @@ def build_operator(
     axis: int = 2,
     profile: str = "box",
     dose_fraction: float = 0.25,
-    photons: float = 1e5,
+    photons: float = DEFAULT_PHOTONS,
     n_views: int = 360,
     sigma: float = 0.05,
     relative: bool = True,

@@ -1,0 +1,85 @@
+"""``make bench``: seconds and peak memory of the degradations and classical baselines on a 256x256x128 volume.
+
+Each case runs in a fresh process; peak memory is that process's maximum resident set size minus what it held
+after the imports and the input were ready, so the figures are comparable between cases.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import platform
+import resource
+import time
+
+import numpy as np
+import torch
+
+SHAPE = (256, 256, 128)
+SPACING = (0.8, 0.8, 2.5)
+
+
+def _volume() -> torch.Tensor:
+    """A smooth synthetic CT-like volume in HU: a water ellipse with a few denser structures."""
+    x, y, z = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+    body = ((x / 0.9) ** 2 + (y / 0.7) ** 2 < 1).float()
+    rods = sum(((x - a) ** 2 + (y - b) ** 2 < 0.01).float() for a, b in ((0.3, 0.1), (-0.4, -0.2), (0.0, 0.4)))
+    return -1000 + 1000 * body + 600 * rods + 30 * torch.sin(6 * z)
+
+
+def _case(name: str, queue: mp.Queue) -> None:
+    from scripts.baselines import gaussian_denoise, nlm_denoise, resample
+    from scripts.degradations import blur, kspace_truncate, lowdose_ct, rician_noise, thick_slice, thick_slice_affine
+
+    torch.set_num_threads(torch.get_num_threads())
+    x = _volume()
+    affine = np.diag([*SPACING, 1.0])
+    thick = thick_slice(x, 2)
+    thick_aff = thick_slice_affine(affine, SHAPE[2], 2)
+    cases = {
+        "thick_slice x2 (box)": lambda: thick_slice(x, 2),
+        "lowdose_ct 0.25 (360 views)": lambda: lowdose_ct(x, SPACING, 0.25),
+        "rician_noise": lambda: rician_noise(x + 1000, 20.0),
+        "kspace_truncate x2": lambda: kspace_truncate(x, 2),
+        "blur gaussian 1 mm": lambda: blur(x, 1.0, SPACING),
+        "SR trilinear 5->2.5 mm": lambda: resample(thick, thick_aff, SPACING, "trilinear"),
+        "SR bspline 5->2.5 mm": lambda: resample(thick, thick_aff, SPACING, "bspline"),
+        "denoise gaussian 0.8 mm": lambda: gaussian_denoise(x, affine, 0.8),
+        "denoise nlm (2D slices)": lambda: nlm_denoise(x),
+    }
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    cases[name]()
+    seconds = time.perf_counter() - t0
+    peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    queue.put((seconds, peak_mib))
+
+
+NAMES = [
+    "thick_slice x2 (box)",
+    "lowdose_ct 0.25 (360 views)",
+    "rician_noise",
+    "kspace_truncate x2",
+    "blur gaussian 1 mm",
+    "SR trilinear 5->2.5 mm",
+    "SR bspline 5->2.5 mm",
+    "denoise gaussian 0.8 mm",
+    "denoise nlm (2D slices)",
+]
+
+
+def main() -> None:
+    ctx = mp.get_context("spawn")
+    print(f"volume {SHAPE}, spacing {SPACING} mm; {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, device cpu")
+    print(f"{'case':<30} {'seconds':>8} {'peak MiB':>9}")
+    for name in NAMES:
+        q = ctx.Queue()
+        p = ctx.Process(target=_case, args=(name, q))
+        p.start()
+        seconds, peak = q.get()
+        p.join()
+        print(f"{name:<30} {seconds:8.2f} {peak:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
