@@ -3,8 +3,9 @@
 Scoring conventions (documented in docs/README.md):
 - CT: PSNR and SSIM on HU clipped to ``CT_WINDOW`` (-1000..1000 HU, data range 2000); MAE on raw HU over the
   whole volume; HU-MAE on raw HU inside the body mask of the reference.
-- MR: both volumes divided by the reference's 99.5th percentile (``mr_scale``); PSNR/SSIM with data range 1,
-  MAE in those units.
+- MR: both volumes divided by the reference's 99.5th percentile (``mr_scale``); PSNR, SSIM (data range 1) and MAE
+  in those units, inside the head mask (reference above ``MR_MASK_FRACTION`` of that percentile, holes filled,
+  largest component), so that the empty background does not dominate.
 """
 
 from __future__ import annotations
@@ -12,21 +13,32 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai.metrics import CumulativeIterationMetric
-from monai.utils import MetricReduction
 from scipy import ndimage
 
 CT_WINDOW = (-1000.0, 1000.0)
 BODY_THRESHOLD_HU = -500.0
 MR_PERCENTILE = 99.5
+MR_MASK_FRACTION = 0.1
 
 
 def _t(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).double()
 
 
-def psnr(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, data_range: float) -> float:
-    """Peak signal-to-noise ratio in dB: ``10 log10(data_range^2 / MSE)``; ``inf`` for identical inputs."""
-    mse = float(torch.mean((_t(pred) - _t(ref)) ** 2))
+def _masked(values: torch.Tensor, mask: np.ndarray | None) -> torch.Tensor:
+    if mask is None:
+        return values
+    m = torch.as_tensor(np.asarray(mask, dtype=bool))
+    if not bool(m.any()):
+        raise ValueError("the mask is empty")
+    return values[m.expand_as(values)]
+
+
+def psnr(
+    pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, data_range: float, mask: np.ndarray | None = None
+) -> float:
+    """Peak signal-to-noise ratio in dB: ``10 log10(data_range^2 / MSE)`` (over ``mask``); ``inf`` if identical."""
+    mse = float(torch.mean(_masked((_t(pred) - _t(ref)) ** 2, mask)))
     return float("inf") if mse == 0 else float(10 * np.log10(data_range**2 / mse))
 
 
@@ -39,9 +51,11 @@ def _gaussian_window(x: torch.Tensor, size: int, sigma: float = 1.5) -> torch.Te
     return x
 
 
-def ssim(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, data_range: float) -> float:
+def ssim(
+    pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, data_range: float, mask: np.ndarray | None = None
+) -> float:
     """Mean 3D SSIM (Wang et al. 2004): Gaussian window sigma 1.5, size 11 (or the largest odd size that fits),
-    K1 = 0.01, K2 = 0.03, valid region only.
+    K1 = 0.01, K2 = 0.03, valid region only; with ``mask``, the mean over the masked window centres.
 
     Computed in float64: MONAI's ``SSIMMetric`` works in float32, whose cancellation in ``E[x^2] - E[x]^2`` puts
     errors of about 0.3 % on flat regions.
@@ -56,22 +70,19 @@ def ssim(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, data_r
     var_r = _gaussian_window(r * r, size) - mu_r**2
     cov = _gaussian_window(p * r, size) - mu_p * mu_r
     value = ((2 * mu_p * mu_r + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_r**2 + c1) * (var_p + var_r + c2))
-    return float(value.mean())
+    if mask is not None:
+        h = size // 2
+        mask = np.asarray(mask, dtype=bool).reshape(r.shape)[h:r.shape[0] - h, h:r.shape[1] - h, h:r.shape[2] - h]
+    return float(_masked(value, mask).mean())
 
 
 def mae(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, mask: np.ndarray | None = None) -> float:
     """Mean absolute error, over ``mask`` when given."""
-    diff = torch.abs(_t(pred) - _t(ref))
-    if mask is not None:
-        m = torch.as_tensor(np.asarray(mask, dtype=bool))
-        if not bool(m.any()):
-            raise ValueError("the mask is empty")
-        diff = diff[m.expand_as(diff)]
-    return float(diff.mean())
+    return float(_masked(torch.abs(_t(pred) - _t(ref)), mask).mean())
 
 
 def body_mask(ref_hu: np.ndarray | torch.Tensor, threshold: float = BODY_THRESHOLD_HU) -> np.ndarray:
-    """Body of a CT volume: voxels above ``threshold`` HU, holes filled per axial slice, largest component."""
+    """Body (CT) or head (MR) mask: voxels above ``threshold``, holes filled per axial slice, largest component."""
     v = np.asarray(_t(ref_hu)).reshape(_t(ref_hu).shape[-3:]) > threshold
     for k in range(v.shape[-1]):
         v[..., k] = ndimage.binary_fill_holes(v[..., k])
@@ -106,28 +117,28 @@ def score(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, modal
         }
     if modality == "mr":
         s = mr_scale(r)
-        return {"psnr": psnr(p / s, r / s, 1.0), "ssim": ssim(p / s, r / s, 1.0), "mae": mae(p / s, r / s)}
+        m = body_mask(r, MR_MASK_FRACTION * s)
+        return {"psnr": psnr(p / s, r / s, 1.0, m), "ssim": ssim(p / s, r / s, 1.0, m), "mae": mae(p / s, r / s, m)}
     raise ValueError(f"unknown modality {modality!r}; use 'ct' or 'mr'")
 
 
-class BodyMAEMetric(CumulativeIterationMetric):
-    """MAE inside the body mask of each reference (CT, in HU), for MONAI/Ignite evaluators.
+class ScoreMetric(CumulativeIterationMetric):
+    """One of ``score``'s metrics (``psnr``, ``ssim``, ``mae``, ``hu_mae_body``) for MONAI/Ignite evaluators.
 
-    Use with ``monai.handlers.IgniteMetricHandler(metric_fn=BodyMAEMetric())`` on batches ``(B, 1, X, Y, Z)``
-    already in HU.
+    Use with ``monai.handlers.IgniteMetricHandler(metric_fn=ScoreMetric("psnr", "ct"))`` on batches
+    ``(B, 1, X, Y, Z)`` in original units (HU for CT), so that validation follows the scoring conventions.
     """
 
-    def __init__(self, threshold: float = BODY_THRESHOLD_HU, reduction: MetricReduction | str = "mean") -> None:
+    def __init__(self, name: str = "psnr", modality: str = "ct") -> None:
         super().__init__()
-        self.threshold, self.reduction = threshold, reduction
+        self.name, self.modality = name, modality
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        values = [mae(p, r, body_mask(r.detach().cpu(), self.threshold)) for p, r in zip(y_pred.detach().cpu(),
-                                                                                       y.detach().cpu())]
-        return torch.tensor(values, dtype=torch.float32)[:, None]
+        pairs = zip(y_pred.detach().cpu(), y.detach().cpu())
+        return torch.tensor([score(p, r, self.modality)[self.name] for p, r in pairs], dtype=torch.float64)[:, None]
 
-    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
+    def aggregate(self) -> torch.Tensor:  # type: ignore[override]
         data = self.get_buffer()
         if not isinstance(data, torch.Tensor):
             raise ValueError("the data to aggregate must be a PyTorch Tensor")
-        return data.mean() if (reduction or self.reduction) == "mean" else data
+        return data.mean()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImage
+from monai.transforms import LoadImage, MapTransform
 
 
 class VolumeError(ValueError):
@@ -109,3 +111,19 @@ def save_volume(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class LoadVolumed(MapTransform):
+    """``load_volume`` as a dictionary transform: files or DICOM folders, checked, RAS, float32 ``(1, X, Y, Z)``.
+
+    Unlike ``LoadImaged`` it refuses 2D/4D data, NaN and bad spacings with an error naming the file.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = load_volume(d[key])
+        return d

@@ -10,7 +10,7 @@ import torch
 from monai.metrics import SSIMMetric
 
 from scripts.baselines import gaussian_denoise, nlm_denoise
-from scripts.metrics import BodyMAEMetric, body_mask, mae, mr_scale, psnr, score, ssim
+from scripts.metrics import ScoreMetric, body_mask, mae, mr_scale, psnr, score, ssim
 from tests.conftest import ct_phantom
 
 
@@ -73,22 +73,31 @@ def test_score_ct_uses_the_window_and_the_body():
         score(pred[:, :, :6], vol, "ct")
 
 
-def test_score_mr_normalises_by_the_reference_percentile():
-    ref = np.random.RandomState(0).rand(16, 16, 16) * 500
-    s = score(ref * 1.02, ref, "mr")
-    assert s["mae"] == pytest.approx(0.02 * ref.mean() / mr_scale(ref), rel=1e-6)
+def test_score_mr_normalises_and_ignores_the_background():
+    ref = np.zeros((24, 24, 12))
+    ref[4:20, 4:20] = np.random.RandomState(0).rand(16, 16, 12) * 400 + 100  # a "head" in empty background
+    pred = ref * 1.02
+    pred[ref == 0] = 30.0  # background errors must not count
+    s = score(pred, ref, "mr")
+    head = ref > 0
+    assert s["mae"] == pytest.approx(0.02 * ref[head].mean() / mr_scale(ref), rel=1e-6)
+    assert s["psnr"] == pytest.approx(psnr(pred / mr_scale(ref), ref / mr_scale(ref), 1.0, head))
 
 
-def test_body_mae_metric_for_evaluators():
+def test_score_metric_for_evaluators():
     vol, _ = ct_phantom(shape=(24, 24, 12))
     ref = torch.as_tensor(vol)[None, None].repeat(2, 1, 1, 1, 1)
     pred = ref.clone()
     body = torch.as_tensor(_cylinder(vol.shape))[None]
     pred[0][body] += 4.0
     pred[1][body] -= 8.0
-    metric = BodyMAEMetric()
+    metric = ScoreMetric("hu_mae_body", "ct")
     metric(pred, ref)
     assert metric.aggregate().item() == pytest.approx(6.0)
+    psnr_metric = ScoreMetric("psnr", "ct")
+    psnr_metric(pred, ref)
+    expected = np.mean([score(p, r, "ct")["psnr"] for p, r in zip(pred.numpy(), ref.numpy())])
+    assert psnr_metric.aggregate().item() == pytest.approx(expected)
 
 
 def test_denoising_baselines_reduce_noise():

@@ -1,0 +1,61 @@
+"""Periodic training checkpoints that include the engine itself, and resuming from the latest of them.
+
+A bundle config cannot put the trainer into the ``save_dict`` of one of the trainer's own handlers (a circular
+reference), so these handlers add the engine they are attached to.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+
+def latest_checkpoint(ckpt_dir: str | Path, prefix: str) -> Path | None:
+    """The ``<prefix>_checkpoint_epoch=N.pt`` with the largest N in ``ckpt_dir``, or None."""
+    found = []
+    for p in Path(ckpt_dir).glob(f"{prefix}_checkpoint_epoch=*.pt"):
+        m = re.search(r"epoch=(\d+)\.pt$", p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+class ResumeHandler:
+    """When ``enabled``, restore ``load_dict`` (networks, optimizers, schedulers, engine state) from the latest
+    checkpoint before the run starts, so the iteration count and learning rate continue where they stopped.
+
+    Asking to resume without a checkpoint is an error rather than a silent fresh start.
+    """
+
+    def __init__(self, enabled: bool, ckpt_dir: str, prefix: str, load_dict: dict,
+                 map_location: str | torch.device | None = None) -> None:
+        self.enabled, self.ckpt_dir, self.prefix = bool(enabled), ckpt_dir, prefix
+        self.load_dict, self.map_location = load_dict, map_location
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        path = latest_checkpoint(self.ckpt_dir, self.prefix)
+        if path is None:
+            raise FileNotFoundError(
+                f"{self.ckpt_dir}: resume requested but no {self.prefix}_checkpoint_epoch=*.pt found")
+        CheckpointLoader(load_path=str(path), load_dict={**self.load_dict, "trainer": engine},
+                         map_location=self.map_location, name="resume").attach(engine)
+
+
+class TrainingCheckpointSaver:
+    """Save ``save_dict`` plus the engine every ``save_interval`` epochs as ``<prefix>_checkpoint_epoch=N.pt``,
+    keeping the last ``n_saved``."""
+
+    def __init__(self, save_dir: str, save_dict: dict, prefix: str, save_interval: int = 1, n_saved: int = 1) -> None:
+        self.save_dir, self.save_dict, self.prefix = save_dir, save_dict, prefix
+        self.save_interval, self.n_saved = save_interval, n_saved
+
+    def attach(self, engine: Engine) -> None:
+        CheckpointSaver(save_dir=self.save_dir, save_dict={**self.save_dict, "trainer": engine},
+                        file_prefix=self.prefix, save_interval=self.save_interval, n_saved=self.n_saved,
+                        epoch_level=True).attach(engine)

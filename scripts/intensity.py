@@ -1,0 +1,93 @@
+"""Invertible intensity normalisation for the networks, recorded per image so that inference returns HU.
+
+- CT: ``(HU - CT_OFFSET) / CT_SCALE`` with the documented window -1000..1000 HU mapped to 0..1, *without*
+  clipping, so bone above 1000 HU survives and the map inverts exactly.
+- MR: ``value / p99.5`` (the image's own 99.5th percentile) mapped to 0..1, also without clipping.
+
+``NormalizeIntensityd`` stores ``{"modality", "offset", "scale"}`` under ``<key>_intensity``; ``denormalize``
+undoes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+CT_OFFSET, CT_SCALE = -1000.0, 2000.0
+MR_PERCENTILE = 99.5
+
+
+def intensity_params(img: torch.Tensor, modality: str) -> dict:
+    """Offset and scale that bring ``img`` to about 0..1 for ``modality`` ('ct' or 'mr')."""
+    modality = modality.lower()
+    if modality == "ct":
+        return {"modality": "ct", "offset": CT_OFFSET, "scale": CT_SCALE}
+    if modality == "mr":
+        values = torch.as_tensor(img).float().flatten()
+        scale = float(torch.quantile(values[:: max(1, values.numel() // 1_000_000)], MR_PERCENTILE / 100))
+        if scale <= 0:
+            raise ValueError("MR image has no positive signal to normalise by")
+        return {"modality": "mr", "offset": 0.0, "scale": scale}
+    raise ValueError(f"unknown modality {modality!r}; use 'ct' or 'mr'")
+
+
+def normalize(img: torch.Tensor, params: dict) -> torch.Tensor:
+    return (img - params["offset"]) / params["scale"]
+
+
+def denormalize(img: torch.Tensor, params: dict) -> torch.Tensor:
+    return img * params["scale"] + params["offset"]
+
+
+class NormalizeIntensityd(MapTransform):
+    """Normalise ``keys`` with the parameters of the first key's image; the modality comes from the item's
+    ``modality`` entry (a datalist field, or DICOM's Modality) or from ``default_modality``."""
+
+    def __init__(self, keys: KeysCollection, default_modality: str = "ct", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.default_modality = default_modality
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        first = d[keys[0]]
+        meta_modality = getattr(first, "meta", {}).get("modality", "") if hasattr(first, "meta") else ""
+        modality = str(d.get("modality") or (meta_modality if meta_modality in ("CT", "MR") else "")
+                       or self.default_modality)
+        params = intensity_params(first, modality)
+        for key in keys:
+            d[key] = normalize(d[key], params)
+            d[f"{key}_intensity"] = dict(params)
+        return d
+
+
+def to_original_units(batch_values: torch.Tensor, params: dict | list[dict]) -> torch.Tensor:
+    """Denormalise a batch ``(B, ...)`` with per-item parameters (as collated by a DataLoader or as a list)."""
+    if isinstance(params, dict):  # collated: each field is a list or tensor over the batch
+        offsets = torch.as_tensor(np.asarray(params["offset"], dtype=np.float64)).reshape(-1)
+        scales = torch.as_tensor(np.asarray(params["scale"], dtype=np.float64)).reshape(-1)
+    else:
+        offsets = torch.tensor([p["offset"] for p in params], dtype=torch.float64)
+        scales = torch.tensor([p["scale"] for p in params], dtype=torch.float64)
+    shape = (-1,) + (1,) * (batch_values.ndim - 1)
+    return batch_values * scales.reshape(shape).to(batch_values) + offsets.reshape(shape).to(batch_values)
+
+
+class ToOriginalUnitsd(MapTransform):
+    """Undo ``NormalizeIntensityd`` on ``keys`` with the parameters stored under ``params_key`` (post-processing)."""
+
+    def __init__(self, keys: KeysCollection, params_key: str = "image_intensity",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.params_key = params_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        params = {k: float(v) for k, v in d[self.params_key].items() if k in ("offset", "scale")}
+        for key in self.key_iterator(d):
+            d[key] = denormalize(d[key], params)
+        return d

@@ -1,0 +1,151 @@
+"""The VAE-GAN trainer for the AutoencoderKL: MONAI's ``Trainer`` with generator and discriminator steps.
+
+MONAI's ``AdversarialTrainer`` has no KL term, adversarial warm-up or gradient accumulation, which a latent
+diffusion autoencoder needs, hence this small subclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from monai.engines import Trainer
+from monai.engines.utils import default_prepare_batch
+from monai.losses import PatchAdversarialLoss
+from monai.utils import CommonKeys as Keys
+from torch.optim import Optimizer
+
+
+def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL divergence of N(mu, sigma^2) from N(0, 1), summed over latent voxels, averaged over the batch."""
+    kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-8) - 1)
+    return kl.sum(dim=tuple(range(1, kl.ndim))).mean()
+
+
+class VAEGANTrainer(Trainer):
+    """Trains an ``AutoencoderKL`` with L1 + KL (+ optional extra losses) and, after ``adv_warmup_iters``
+    iterations, a patch-discriminator adversarial loss.
+
+    ``extra_losses`` maps a name to ``(weight, loss_fn(recon, image))`` (SSIM, spectral or perceptual losses);
+    each value is reported in the engine output under its name. Gradients are accumulated over
+    ``accumulation_steps`` iterations; AMP (``amp=True``) is used on CUDA only.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: torch.nn.Module,
+        optimizer: Optimizer,
+        discriminator: torch.nn.Module,
+        d_optimizer: Optimizer,
+        kl_weight: float = 1e-7,
+        adv_weight: float = 0.01,
+        adv_warmup_iters: int = 1000,
+        extra_losses: dict[str, tuple[float, Callable]] | None = None,
+        accumulation_steps: int = 1,
+        epoch_length: int | None = None,
+        prepare_batch: Callable = default_prepare_batch,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        non_blocking: bool = False,
+    ) -> None:
+        amp = amp and torch.device(device).type == "cuda"
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            handlers=train_handlers,
+            amp=amp,
+            decollate=False,
+        )
+        self.network, self.optimizer = network, optimizer
+        self.discriminator, self.d_optimizer = discriminator, d_optimizer
+        self.kl_weight, self.adv_weight, self.adv_warmup_iters = kl_weight, adv_weight, adv_warmup_iters
+        self.extra_losses = extra_losses or {}
+        self.accumulation_steps = max(1, int(accumulation_steps))
+        self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
+        self.scaler = torch.amp.GradScaler("cuda") if amp else None
+        self.d_scaler = torch.amp.GradScaler("cuda") if amp else None
+
+    def _step(self, loss: torch.Tensor, optimizer: Optimizer, scaler: torch.amp.GradScaler | None, last: bool) -> None:
+        loss = loss / self.accumulation_steps
+        (scaler.scale(loss) if scaler else loss).backward()
+        if last:
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def _iteration(self, engine: VAEGANTrainer, batchdata: dict) -> dict:  # type: ignore[override]
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        images = batch[0]
+        last = engine.state.iteration % self.accumulation_steps == 0
+        adversarial = engine.state.iteration > self.adv_warmup_iters and self.adv_weight > 0
+        self.network.train()
+        with torch.autocast("cuda", enabled=self.amp):
+            recon, z_mu, z_sigma = self.network(images)
+            out = {"l1": torch.nn.functional.l1_loss(recon.float(), images.float()),
+                   "kl": kl_loss(z_mu.float(), z_sigma.float())}
+            loss = out["l1"] + self.kl_weight * out["kl"]
+            for name, (weight, fn) in self.extra_losses.items():
+                out[name] = fn(recon.float(), images.float())
+                loss = loss + weight * out[name]
+            if adversarial:
+                logits = self.discriminator(recon.contiguous().float())[-1]
+                out["adv_g"] = self.adv_loss(logits, target_is_real=True, for_discriminator=False)
+                loss = loss + self.adv_weight * out["adv_g"]
+        self._step(loss, self.optimizer, self.scaler, last)
+
+        if adversarial:
+            self.discriminator.train()
+            with torch.autocast("cuda", enabled=self.amp):
+                fake = self.discriminator(recon.detach().contiguous().float())[-1]
+                real = self.discriminator(images.contiguous().float())[-1]
+                out["adv_d"] = 0.5 * (self.adv_loss(fake, target_is_real=False, for_discriminator=True)
+                                      + self.adv_loss(real, target_is_real=True, for_discriminator=True))
+            self._step(self.adv_weight * out["adv_d"], self.d_optimizer, self.d_scaler, last)
+
+        return {Keys.IMAGE: images, Keys.PRED: recon.detach(), Keys.LOSS: loss.detach(),
+                **{k: v.detach() for k, v in out.items()}}
+
+
+def optional_losses(
+    ssim_weight: float = 0.0,
+    spectral_weight: float = 0.0,
+    perceptual_weight: float = 0.0,
+    perceptual_weights_path: str | None = None,
+    spatial_dims: int = 3,
+) -> dict[str, tuple[float, Callable]]:
+    """The extra reconstruction losses switched on by a positive weight.
+
+    The perceptual loss uses a torchvision ResNet-50 on 2.5D slices and needs its weights as a local file
+    (``perceptual_weights_path``): nothing is downloaded.
+    """
+    from monai.losses import JukeboxLoss, PerceptualLoss, SSIMLoss
+
+    losses: dict[str, tuple[float, Callable]] = {}
+    if ssim_weight > 0:
+        losses["ssim"] = (ssim_weight, SSIMLoss(spatial_dims=spatial_dims, data_range=1.0))
+    if spectral_weight > 0:
+        losses["spectral"] = (spectral_weight, JukeboxLoss(spatial_dims=spatial_dims))
+    if perceptual_weight > 0:
+        if not perceptual_weights_path:
+            raise ValueError("perceptual_weight > 0 needs perceptual_weights_path: a local ResNet-50 state dict "
+                             "(hub downloads are not used)")
+        loss = PerceptualLoss(spatial_dims=spatial_dims, network_type="resnet50", is_fake_3d=True, pretrained=True,
+                              pretrained_path=perceptual_weights_path)
+        losses["perceptual"] = (perceptual_weight, loss)
+    return losses
+
+
+def loss_terms(output: dict) -> dict[str, float]:
+    """Every loss term of a ``VAEGANTrainer`` output, for TensorBoard."""
+    skip = {Keys.IMAGE, Keys.PRED, Keys.LABEL}
+    return {k: float(v) for k, v in output.items() if k not in skip}
