@@ -1,20 +1,25 @@
 """Whole-volume encode and decode with an AutoencoderKL, window by window, and the latent scale factor.
 
 Volumes of any size are padded (edge values) to a multiple of the autoencoder's downsampling factor, encoded
-with a sliding window whose output is 1/factor the size of its input, decoded the same way back, and cropped.
-Windows are blended with Gaussian weights, so memory is bounded by ``roi_size`` and ``sw_batch_size``.
+window by window into latents 1/factor the size, decoded the same way back, and cropped. Each window carries a
+halo of real context that is discarded after the network, so the convolutions' zero padding leaves no seams;
+kept parts are blended with Gaussian weights. Memory is bounded by the window size, not by the volume.
+GroupNorm statistics are still per window, so a windowed result differs slightly from a whole-volume pass
+(``tests/test_autoencoder.py`` states the tolerance).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
-from monai.inferers import SlidingWindowInferer
+from monai.data.utils import compute_importance_map
 from monai.networks.nets import AutoencoderKL
 from monai.transforms import DivisiblePad
+from tqdm import tqdm
 
 SCALE_FILE = "autoencoder_scale.json"
 
@@ -35,9 +40,53 @@ class Reconstructor(torch.nn.Module):
         return self.autoencoder.reconstruct(x)
 
 
-def _inferer(roi_size: Sequence[int], sw_batch_size: int, overlap: float, progress: bool) -> SlidingWindowInferer:
-    return SlidingWindowInferer(roi_size=list(roi_size), sw_batch_size=sw_batch_size, overlap=overlap,
-                                mode="gaussian", progress=progress)
+def _starts(size: int, roi: int, step: int) -> list[int]:
+    starts = list(range(0, max(size - roi, 0) + 1, max(step, 1)))
+    if starts[-1] != max(size - roi, 0):
+        starts.append(size - roi)
+    return starts
+
+
+@torch.no_grad()
+def tiled_apply(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    roi_size: Sequence[int],
+    scale: float,
+    overlap: float = 0.25,
+    halo: int = 0,
+    unit: int = 1,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Apply ``fn`` (output ``scale`` times the input's size) to ``(B, C, X, Y, Z)`` window by window.
+
+    Each window is read with ``halo`` extra input voxels of real context on every side (clamped at the volume's
+    edges), and only its central part is kept, so zero padding inside ``fn`` never reaches the kept output.
+    Kept parts overlap by ``overlap`` and are blended with Gaussian weights. Window sizes, steps and the halo are
+    multiples of ``unit`` input voxels (the downsampling factor when encoding), so every window maps onto whole
+    output voxels. Memory is bounded by ``roi_size + 2 * halo``, not by the volume.
+    """
+    size = x.shape[2:]
+    roi = [min(int(r), int(s)) // unit * unit or int(s) for r, s in zip(roi_size, size)]
+    steps = [max(unit, int(r * (1 - overlap)) // unit * unit) for r in roi]
+    grid = list(itertools.product(*[_starts(int(s), r, st) for s, r, st in zip(size, roi, steps)]))
+    out_roi = [int(round(r * scale)) for r in roi]
+    weight = compute_importance_map(out_roi, mode="gaussian", sigma_scale=0.125, device=x.device).to(x.dtype)
+    out = norm = None
+    for start in tqdm(grid, desc="windows", disable=not progress, leave=False):
+        lo = [max(0, st - halo) for st in start]
+        hi = [min(int(s), st + r + halo) for s, st, r in zip(size, start, roi)]
+        y = fn(x[(slice(None), slice(None), *[slice(a, b) for a, b in zip(lo, hi)])])
+        keep = [slice(int(round((st - a) * scale)), int(round((st - a) * scale)) + o)
+                for st, a, o in zip(start, lo, out_roi)]
+        y = y[(slice(None), slice(None), *keep)]
+        if out is None:
+            shape = (x.shape[0], y.shape[1], *[int(round(s * scale)) for s in size])
+            out, norm = x.new_zeros(shape), x.new_zeros(shape[2:])
+        target = tuple(slice(int(round(st * scale)), int(round(st * scale)) + o) for st, o in zip(start, out_roi))
+        out[(slice(None), slice(None), *target)] += y * weight
+        norm[target] += weight
+    return out / norm
 
 
 @torch.no_grad()
@@ -46,11 +95,13 @@ def encode_volume(
     image: torch.Tensor,
     roi_size: Sequence[int] = (96, 96, 64),
     overlap: float = 0.25,
-    sw_batch_size: int = 1,
+    halo: int = 16,
     progress: bool = False,
 ) -> torch.Tensor:
     """Latent means ``(B, C_lat, X/f, Y/f, Z/f)`` of a padded ``(B, 1, X, Y, Z)`` image (see ``pad_for``)."""
-    return _inferer(roi_size, sw_batch_size, overlap, progress)(image, lambda x: autoencoder.encode(x)[0])
+    f = downsample_factor(autoencoder)
+    return tiled_apply(lambda t: autoencoder.encode(t)[0], image, roi_size, 1 / f, overlap, halo // f * f, f,
+                       progress)
 
 
 @torch.no_grad()
@@ -59,11 +110,12 @@ def decode_volume(
     latent: torch.Tensor,
     roi_size: Sequence[int] = (24, 24, 16),
     overlap: float = 0.25,
-    sw_batch_size: int = 1,
+    halo: int = 4,
     progress: bool = False,
 ) -> torch.Tensor:
     """Image ``(B, 1, f*X, f*Y, f*Z)`` decoded from latents window by window (``roi_size`` in latent voxels)."""
-    return _inferer(roi_size, sw_batch_size, overlap, progress)(latent, autoencoder.decode)
+    return tiled_apply(autoencoder.decode, latent, roi_size, downsample_factor(autoencoder), overlap, halo, 1,
+                       progress)
 
 
 def pad_for(autoencoder: AutoencoderKL, image: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -80,13 +132,12 @@ def reconstruct_volume(
     image: torch.Tensor,
     roi_size: Sequence[int] = (96, 96, 64),
     overlap: float = 0.25,
-    sw_batch_size: int = 1,
 ) -> torch.Tensor:
     """Encode and decode a whole volume window by window; same shape as ``image``."""
     f = downsample_factor(autoencoder)
     padded, crop = pad_for(autoencoder, image)
-    z = encode_volume(autoencoder, padded, roi_size, overlap, sw_batch_size)
-    return decode_volume(autoencoder, z, [max(1, r // f) for r in roi_size], overlap, sw_batch_size)[crop]
+    z = encode_volume(autoencoder, padded, roi_size, overlap)
+    return decode_volume(autoencoder, z, [max(1, r // f) for r in roi_size], overlap)[crop]
 
 
 @torch.no_grad()
@@ -119,3 +170,17 @@ def load_scale_factor(ckpt_dir: str) -> float:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no latent scale factor; train the autoencoder first")
     return float(json.loads(path.read_text())["scale_factor"])
+
+
+def load_autoencoder_weights(autoencoder: AutoencoderKL, path: str | Path, map_location: str | torch.device = "cpu"
+                             ) -> AutoencoderKL:
+    """Load weights saved by this bundle (a state dict, or a checkpoint holding ``autoencoder``) or by the old
+    MONAI Generative ``AutoencoderKL`` (renamed attention and upsampling layers), with ``weights_only=True``."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if "autoencoder" in state and isinstance(state["autoencoder"], dict):
+        state = state["autoencoder"]
+    try:
+        autoencoder.load_state_dict(state)
+    except RuntimeError:
+        autoencoder.load_old_state_dict(dict(state))
+    return autoencoder

@@ -16,6 +16,10 @@ from monai.utils import CommonKeys as Keys
 from torch.optim import Optimizer
 
 
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     """KL divergence of N(mu, sigma^2) from N(0, 1), summed over latent voxels, averaged over the batch."""
     kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-8) - 1)
@@ -72,9 +76,12 @@ class VAEGANTrainer(Trainer):
         self.scaler = torch.amp.GradScaler("cuda") if amp else None
         self.d_scaler = torch.amp.GradScaler("cuda") if amp else None
 
-    def _step(self, loss: torch.Tensor, optimizer: Optimizer, scaler: torch.amp.GradScaler | None, last: bool) -> None:
+    def _step(self, loss: torch.Tensor, optimizer: Optimizer, scaler: torch.amp.GradScaler | None, last: bool,
+              module: torch.nn.Module) -> None:
+        """Backward into ``module``'s parameters only (the generator loss must not touch the discriminator),
+        stepping every ``accumulation_steps`` iterations."""
         loss = loss / self.accumulation_steps
-        (scaler.scale(loss) if scaler else loss).backward()
+        (scaler.scale(loss) if scaler else loss).backward(inputs=[p for p in module.parameters() if p.requires_grad])
         if last:
             if scaler:
                 scaler.step(optimizer)
@@ -98,10 +105,11 @@ class VAEGANTrainer(Trainer):
                 out[name] = fn(recon.float(), images.float())
                 loss = loss + weight * out[name]
             if adversarial:
-                logits = self.discriminator(recon.contiguous().float())[-1]
+                # the plain module: under DDP, the wrapped discriminator would wait for gradients it never gets
+                logits = _unwrap(self.discriminator)(recon.contiguous().float())[-1]
                 out["adv_g"] = self.adv_loss(logits, target_is_real=True, for_discriminator=False)
                 loss = loss + self.adv_weight * out["adv_g"]
-        self._step(loss, self.optimizer, self.scaler, last)
+        self._step(loss, self.optimizer, self.scaler, last, self.network)
 
         if adversarial:
             self.discriminator.train()
@@ -110,7 +118,7 @@ class VAEGANTrainer(Trainer):
                 real = self.discriminator(images.contiguous().float())[-1]
                 out["adv_d"] = 0.5 * (self.adv_loss(fake, target_is_real=False, for_discriminator=True)
                                       + self.adv_loss(real, target_is_real=True, for_discriminator=True))
-            self._step(self.adv_weight * out["adv_d"], self.d_optimizer, self.d_scaler, last)
+            self._step(self.adv_weight * out["adv_d"], self.d_optimizer, self.d_scaler, last, self.discriminator)
 
         return {Keys.IMAGE: images, Keys.PRED: recon.detach(), Keys.LOSS: loss.detach(),
                 **{k: v.detach() for k, v in out.items()}}
