@@ -15,8 +15,10 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.data.utils import compute_importance_map
+from monai.inferers import Inferer
 from monai.networks.nets import AutoencoderKL
 from monai.transforms import DivisiblePad
 from tqdm import tqdm
@@ -29,15 +31,16 @@ def downsample_factor(autoencoder: AutoencoderKL) -> int:
     return 2 ** (len(autoencoder.encoder.channels) - 1)
 
 
-class Reconstructor(torch.nn.Module):
-    """``autoencoder.reconstruct`` (mean latent, no sampling) as a module, for evaluators and inferers."""
+class ReconstructionInferer(Inferer):
+    """Whole-volume reconstruction through ``reconstruct_volume``, for evaluators: the same windowed path as
+    inference, so validation measures what users get."""
 
-    def __init__(self, autoencoder: AutoencoderKL) -> None:
+    def __init__(self, roi_size: Sequence[int] = (96, 96, 64), overlap: float = 0.25) -> None:
         super().__init__()
-        self.autoencoder = autoencoder
+        self.roi_size, self.overlap = roi_size, overlap
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.reconstruct(x)
+    def __call__(self, inputs: torch.Tensor, network: AutoencoderKL, *args, **kwargs) -> torch.Tensor:
+        return reconstruct_volume(network, inputs, self.roi_size, self.overlap)
 
 
 def _starts(size: int, roi: int, step: int) -> list[int]:
@@ -123,7 +126,8 @@ def pad_for(autoencoder: AutoencoderKL, image: torch.Tensor) -> tuple[torch.Tens
     the slices that crop the result back."""
     f = downsample_factor(autoencoder)
     shape = image.shape[2:]
-    padded = torch.stack([DivisiblePad(k=f, mode="edge", method="end")(im) for im in image])
+    pad = DivisiblePad(k=f, mode="edge", method="end")
+    padded = torch.stack([torch.as_tensor(pad(im)).as_subclass(torch.Tensor) for im in image])
     return padded, (slice(None), slice(None), *[slice(0, n) for n in shape])
 
 
@@ -176,6 +180,8 @@ def load_autoencoder_weights(autoencoder: AutoencoderKL, path: str | Path, map_l
                              ) -> AutoencoderKL:
     """Load weights saved by this bundle (a state dict, or a checkpoint holding ``autoencoder``) or by the old
     MONAI Generative ``AutoencoderKL`` (renamed attention and upsampling layers), with ``weights_only=True``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no autoencoder weights (train stage 1, or point ckpt_dir at them)")
     state = torch.load(path, map_location=map_location, weights_only=True)
     if "autoencoder" in state and isinstance(state["autoencoder"], dict):
         state = state["autoencoder"]
@@ -184,3 +190,53 @@ def load_autoencoder_weights(autoencoder: AutoencoderKL, path: str | Path, map_l
     except RuntimeError:
         autoencoder.load_old_state_dict(dict(state))
     return autoencoder
+
+
+@torch.no_grad()
+def prepare_latents(
+    autoencoder: AutoencoderKL,
+    datalist: str,
+    output_dir: str,
+    modality: str = "ct",
+    roi_size: Sequence[int] = (96, 96, 64),
+    overlap: float = 0.25,
+    device: torch.device | str = "cpu",
+    keys: Sequence[str] = ("training", "validation"),
+) -> str:
+    """Encode every image of an Auto3DSeg datalist to latent means on disk and write the matching datalist.
+
+    Each ``<name>_latent.pt`` holds ``latent`` ``(C, x, y, z)`` (unscaled: multiply by the scale factor), the
+    latent grid's ``affine``, the image's ``intensity`` normalisation and ``image_shape``; entries keep their other
+    fields (``fold``, ``label``...) and gain ``latent``.
+    """
+    from scripts.datalist import read_datalist
+    from scripts.intensity import NormalizeIntensityd
+    from scripts.volumes import load_volume
+
+    autoencoder.eval().to(device)
+    f = downsample_factor(autoencoder)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = json.loads(Path(datalist).read_text())
+    new = {k: v for k, v in raw.items() if k not in keys}
+    new["dataroot"] = str(out.resolve())
+    for key in keys:
+        if not raw.get(key):
+            continue
+        new[key] = []
+        for item in tqdm(read_datalist(datalist, key), desc=f"encoding {key}"):
+            image = load_volume(item["image"])
+            d = NormalizeIntensityd("image", default_modality=item.get("modality", modality))({"image": image})
+            padded, _ = pad_for(autoencoder, d["image"].as_tensor()[None].to(device))
+            z = encode_volume(autoencoder, padded, roi_size, overlap)[0].cpu()
+            affine = np.asarray(image.affine) @ np.diag([f, f, f, 1.0])
+            affine[:3, 3] = (np.asarray(image.affine) @ np.array([(f - 1) / 2] * 3 + [1.0]))[:3]
+            name = Path(str(item["image"]).rstrip("/")).name.split(".")[0]
+            path = out / f"{name}_latent.pt"
+            torch.save({"latent": z, "affine": torch.as_tensor(affine), "intensity": d["image_intensity"],
+                        "image_shape": list(image.shape[1:])}, path)
+            new[key].append({**{k: v for k, v in item.items() if k != "image"}, "image": str(item["image"]),
+                             "latent": path.name})
+    target = out / "datalist_latents.json"
+    target.write_text(json.dumps(new, indent=2))
+    return str(target)

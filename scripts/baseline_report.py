@@ -22,7 +22,7 @@ from scripts.metrics import body_mask, mr_scale
 from scripts.volumes import load_volume, save_volume, spacing_of
 
 GAUSSIAN_SIGMAS_MM = (0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
-NLM_H_FACTORS = (0.4, 0.6, 0.8)
+NLM_H_FACTORS = (0.6, 0.8, 1.0, 1.2)
 
 TASKS = {
     "ct_sr_5to10mm": {"file": "lung1_image.nrrd", "modality": "ct", "degradation": "thick slices x2 (5 -> 10 mm), box profile"},

@@ -214,3 +214,19 @@ def _reinit(kw) -> AutoencoderKL:
     args = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=[8, 16], latent_channels=2,
                 num_res_blocks=[1, 1], norm_num_groups=4)
     return AutoencoderKL(**args, **kw).eval()
+
+
+def test_prepare_latents_writes_latents_and_a_datalist(trained, crops, tmp_path):
+    ckpt = trained[0]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/prepare_latents.json','configs/tiny.json']",
+           "--ckpt_dir", str(ckpt), "--datalist", str(crops / "datalist.json"), "--output_dir", str(tmp_path)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    dl = json.loads((tmp_path / "datalist_latents.json").read_text())
+    assert [e["latent"] for e in dl["training"]] == ["a_latent.pt", "b_latent.pt"]
+    item = torch.load(tmp_path / "a_latent.pt", weights_only=True)
+    assert item["latent"].shape == (2, 32, 32, 8) and item["image_shape"] == [64, 64, 16]
+    assert item["intensity"]["modality"] == "ct"
+    src = nib.load(crops / "a.nii.gz").affine
+    # latent voxel 0 is the centre of image voxels 0..1 (factor 2): FOV preserved
+    np.testing.assert_allclose(item["affine"].numpy() @ [0, 0, 0, 1], src @ [0.5, 0.5, 0.5, 1], atol=1e-5)
