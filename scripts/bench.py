@@ -46,12 +46,58 @@ def _case(name: str, queue: mp.Queue) -> None:
         "denoise gaussian 0.8 mm": lambda: gaussian_denoise(x, affine, 0.8),
         "denoise nlm (2D slices)": lambda: nlm_denoise(x),
     }
+    cases.update(_autoencoder_cases())
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     cases[name]()
     seconds = time.perf_counter() - t0
     peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
     queue.put((seconds, peak_mib))
+
+
+def _autoencoder_cases() -> dict:
+    """The full-size autoencoder of configs/common.json: one training step and one decode window."""
+    import json
+
+    from monai.bundle import ConfigParser
+
+    from scripts.autoencoder import decode_volume, downsample_factor
+
+    with open("configs/common.json") as f:
+        common = json.load(f)
+    parser = ConfigParser({"ae": common["autoencoder_def"]})
+    ae = parser.get_parsed_content("ae")
+    patch = common["patch_size"]
+    f = downsample_factor(ae)
+    latent_roi = [p // f for p in patch]
+
+    def train_step():
+        x = torch.rand(1, 1, *patch)
+        recon, mu, sigma = ae(x)
+        (recon - x).abs().mean().backward()
+
+    def decode_window():
+        with torch.no_grad():
+            decode_volume(ae, torch.randn(1, common["autoencoder_def"]["latent_channels"], *latent_roi), latent_roi)
+
+    return {"AE train step (1 patch)": train_step, "AE decode 1 latent window": decode_window}
+
+
+def windows_for(shape: tuple[int, ...] = (512, 512, 256)) -> str:
+    """How many decode windows a volume needs with the common config's window settings."""
+    import json
+    import math
+
+    from scripts.autoencoder import _starts
+
+    with open("configs/common.json") as f:
+        common = json.load(f)
+    factor = 2 ** (len(common["autoencoder_def"]["channels"]) - 1)
+    roi = [r // factor for r in common["sliding_window"]["roi_size"]]
+    step = [max(1, int(r * (1 - common["sliding_window"]["overlap"]))) for r in roi]
+    n = math.prod(len(_starts(s // factor, r, st)) for s, r, st in zip(shape, roi, step))
+    return (f"full-size autoencoder {common['autoencoder_def']['channels']}, patch {common['patch_size']}; "
+            f"a {'x'.join(map(str, shape))} volume decodes in {n} latent windows of {roi}")
 
 
 NAMES = [
@@ -64,6 +110,8 @@ NAMES = [
     "SR bspline 5->2.5 mm",
     "denoise gaussian 0.8 mm",
     "denoise nlm (2D slices)",
+    "AE train step (1 patch)",
+    "AE decode 1 latent window",
 ]
 
 
@@ -79,6 +127,7 @@ def main() -> None:
         seconds, peak = q.get()
         p.join()
         print(f"{name:<30} {seconds:8.2f} {peak:9.0f}")
+    print(windows_for())
 
 
 if __name__ == "__main__":
