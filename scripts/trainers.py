@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-from monai.engines import Trainer
+from monai.engines import IterationEvents, Trainer
 from monai.engines.utils import default_prepare_batch
 from monai.losses import PatchAdversarialLoss
 from monai.utils import CommonKeys as Keys
@@ -65,7 +65,6 @@ class VAEGANTrainer(Trainer):
             prepare_batch=prepare_batch,
             handlers=train_handlers,
             amp=amp,
-            decollate=False,
         )
         self.network, self.optimizer = network, optimizer
         self.discriminator, self.d_optimizer = discriminator, d_optimizer
@@ -120,8 +119,10 @@ class VAEGANTrainer(Trainer):
                                       + self.adv_loss(real, target_is_real=True, for_discriminator=True))
             self._step(self.adv_weight * out["adv_d"], self.d_optimizer, self.d_scaler, last, self.discriminator)
 
-        return {Keys.IMAGE: images, Keys.PRED: recon.detach(), Keys.LOSS: loss.detach(),
-                **{k: v.detach() for k, v in out.items()}}
+        engine.state.output = {Keys.IMAGE: images, Keys.PRED: recon.detach(), Keys.LOSS: loss.detach(),
+                               **{k: v.detach() for k, v in out.items()}}
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # decollates the output, as MONAI's trainers do
+        return engine.state.output
 
 
 def optional_losses(
@@ -153,7 +154,8 @@ def optional_losses(
     return losses
 
 
-def loss_terms(output: dict) -> dict[str, float]:
-    """Every loss term of a ``VAEGANTrainer`` output, for TensorBoard."""
+def loss_terms(output: list[dict] | dict) -> dict[str, float]:
+    """Every loss term of a ``VAEGANTrainer`` output (decollated: the first item holds the batch's values)."""
+    first = output[0] if isinstance(output, list) else output
     skip = {Keys.IMAGE, Keys.PRED, Keys.LABEL}
-    return {k: float(v) for k, v in output.items() if k not in skip}
+    return {k: float(v) for k, v in first.items() if k not in skip}

@@ -75,7 +75,7 @@ def run_training(crops: Path, ckpt: Path, stop_after_epoch: int | None = None, *
         parser.parse()
         trainer = parser.get_parsed_content("train#trainer")
         losses = []
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["l1"])))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["l1"])))
         if stop_after_epoch:  # an interruption, after the epoch's checkpoint was written
             trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after_epoch), lambda e: e.terminate())
         parser.get_parsed_content("initialize")
@@ -230,3 +230,19 @@ def test_prepare_latents_writes_latents_and_a_datalist(trained, crops, tmp_path)
     src = nib.load(crops / "a.nii.gz").affine
     # latent voxel 0 is the centre of image voxels 0..1 (factor 2): FOV preserved
     np.testing.assert_allclose(item["affine"].numpy() @ [0, 0, 0, 1], src @ [0.5, 0.5, 0.5, 1], atol=1e-5)
+
+
+def test_tracking_with_mlflow_records_parameters_and_metrics(crops, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+           "['configs/train_autoencoder.json','configs/tiny.json']", "--datalist", str(crops / "datalist.json"),
+           "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"), "--max_epochs", "1",
+           "--tracking", "mlflow"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlruns.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1
+    assert {"train_loss", "val_psnr", "val_ssim", "val_mae"} <= set(runs[0].data.metrics)
+    assert runs[0].data.params["max_epochs"] == "1"
