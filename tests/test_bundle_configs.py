@@ -68,3 +68,20 @@ def test_metadata_follows_the_bundle_schema():
     from monai.bundle import verify_metadata
 
     verify_metadata(meta_file=str(ROOT / "configs" / "metadata.json"), filepath=str(schema))
+
+
+def test_autoencoder_data_format_matches_the_network():
+    """``verify_net_in_out`` does not apply (AutoencoderKL returns a tuple), so the entry is checked here."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())["autoencoder_data_format"]
+    common = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text()))
+    ae = common.get_parsed_content("autoencoder_def").eval()
+    factor = 2 ** (len(common["autoencoder_def"]["channels"]) - 1)
+    assert meta["inputs"]["image"]["spatial_shape"] == [f"{factor}*n"] * 3
+    x = torch.rand(1, meta["inputs"]["image"]["num_channels"], *[factor * 4] * 3)
+    with torch.no_grad():
+        recon, z_mu, z_sigma = ae(x)
+    assert recon.shape == x.shape and str(recon.dtype) == "torch." + meta["outputs"]["pred"]["dtype"]
+    assert z_mu.shape == (1, common["autoencoder_def"]["latent_channels"], 4, 4, 4) and z_sigma.shape == z_mu.shape
