@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,11 @@ def make_datalist(
     return datalist
 
 
-def read_datalist(path: str, key: str = "training", base_dir: str | None = None) -> list[dict]:
-    """Entries of ``key`` with absolute paths; a clear error for a missing file, key, list or image."""
+def read_datalist(
+    path: str, key: str = "training", base_dir: str | None = None, path_keys: Sequence[str] = ("image",)
+) -> list[dict]:
+    """Entries of ``key`` with absolute paths (``path_keys`` and ``label``, relative to ``dataroot`` or the file's
+    folder); a clear error for a missing file, key, list or path."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: datalist not found")
@@ -104,10 +108,13 @@ def read_datalist(path: str, key: str = "training", base_dir: str | None = None)
     base = base_dir or raw.get("dataroot") or str(p.parent)
     items = load_decathlon_datalist(str(p), is_segmentation=False, data_list_key=key, base_dir=base)
     for item in items:
-        if "image" not in item:
-            raise ValueError(f"{p}: an entry of '{key}' has no 'image': {item}")
-        if not Path(item["image"]).exists():
-            raise FileNotFoundError(f"{p}: image {item['image']} listed in '{key}' does not exist")
+        for k in path_keys:
+            if k not in item:
+                raise ValueError(f"{p}: an entry of '{key}' has no '{k}': {item}")
+            if not Path(item[k]).is_absolute():
+                item[k] = str(Path(base) / item[k])
+            if not Path(item[k]).exists():
+                raise FileNotFoundError(f"{p}: {k} {item[k]} listed in '{key}' does not exist")
     return items
 
 

@@ -1,0 +1,61 @@
+"""Stage 2 helpers MONAI lacks: cached-latent loading, an EMA of the weights, deterministic validation batches."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import torch
+from ignite.engine import Engine, Events
+from monai.config import KeysCollection
+from monai.engines import DiffusionPrepareBatch
+from monai.transforms import MapTransform
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class LoadLatentd(MapTransform):
+    """Load a ``*_latent.pt`` written by ``prepare_latents`` into ``output_key``, multiplied by ``scale_factor``
+    (1/std of the latents, so the diffusion model sees unit variance)."""
+
+    def __init__(self, keys: KeysCollection, scale_factor: float, output_key: str = "image",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.scale_factor, self.output_key = float(scale_factor), output_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            item = torch.load(d[key], map_location="cpu", weights_only=True)
+            d[self.output_key] = item["latent"].float() * self.scale_factor
+        return d
+
+
+def ema_model(network: torch.nn.Module, decay: float = 0.999) -> AveragedModel:
+    """An exponential moving average of ``network``'s parameters (``torch.optim.swa_utils``)."""
+    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class EMAHandler:
+    """Update ``ema`` from ``network`` after every iteration."""
+
+    def __init__(self, network: torch.nn.Module, ema: AveragedModel) -> None:
+        self.network, self.ema = network, ema
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: self.ema.update_parameters(self.network))
+
+
+class FixedDiffusionPrepareBatch(DiffusionPrepareBatch):
+    """Validation batches with the same noise (seeded) and one fixed timestep every time, so that the
+    validation loss compares epochs rather than random draws."""
+
+    def __init__(self, num_train_timesteps: int, timestep: int | None = None, seed: int = 0) -> None:
+        super().__init__(num_train_timesteps)
+        self.timestep = num_train_timesteps // 2 if timestep is None else timestep
+        self.seed = seed
+
+    def get_noise(self, images: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.randn(images.shape, generator=gen).to(images)
+
+    def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.full((images.shape[0],), self.timestep, dtype=torch.long, device=images.device)

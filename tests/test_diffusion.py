@@ -1,0 +1,111 @@
+"""Stage 2: the latent diffusion prior trained on cached latents, with EMA, resume and DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+
+from scripts.autoencoder import prepare_latents
+from tests.conftest import ROOT
+from tests.test_autoencoder import _messages, crops, tiny_autoencoder  # noqa: F401  (crops is a fixture)
+
+CONFIGS = ["configs/train_diffusion.json", "configs/tiny.json"]
+
+
+@pytest.fixture(scope="module")
+def latents(crops, tmp_path_factory) -> Path:  # noqa: F811
+    """Latents of the real crops from a tiny autoencoder, with its scale factor."""
+    out = tmp_path_factory.mktemp("latents")
+    prepare_latents(tiny_autoencoder(), str(crops / "datalist.json"), str(out), roi_size=(32, 32, 16))
+    (out / "autoencoder_scale.json").write_text(json.dumps({"scale_factor": 1.5}))
+    return out
+
+
+def run_diffusion(latents: Path, ckpt: Path, stop_after_epoch: int | None = None, **overrides):
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / c) for c in CONFIGS])
+    ckpt.mkdir(parents=True, exist_ok=True)
+    shutil.copy(latents / "autoencoder_scale.json", ckpt)
+    parser.update({"bundle_root": str(ROOT), "datalist": str(latents / "datalist_latents.json"),
+                   "ckpt_dir": str(ckpt), "output_dir": str(ckpt / "tb"), **overrides})
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        parser.parse()
+        trainer = parser.get_parsed_content("train#trainer")
+        losses = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
+        if stop_after_epoch:
+            trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after_epoch), lambda e: e.terminate())
+        parser.get_parsed_content("initialize")
+        parser.get_parsed_content("run")
+    finally:
+        os.chdir(cwd)
+    return trainer, losses, parser
+
+
+def test_prior_trains_on_scaled_latents_and_keeps_an_ema(latents, tmp_path):
+    trainer, losses, parser = run_diffusion(latents, tmp_path / "ckpt", max_epochs=4)
+    assert trainer.state.iteration == 24
+    assert np.mean(losses[-6:]) < np.mean(losses[:6])
+    batch = parser.get_parsed_content("train#dataset")[0]
+    raw = torch.load(latents / "a_latent.pt", weights_only=True)["latent"]
+    assert batch["image"].shape == (2, 16, 16, 8)
+    assert float(batch["image"].abs().max()) == pytest.approx(1.5 * float(raw.abs().max()), rel=0.5)
+    net, ema = parser.get_parsed_content("diffusion"), parser.get_parsed_content("ema_diffusion")
+    assert int(ema.n_averaged) == 24
+    differs = [not torch.equal(a, b) for a, b in zip(net.parameters(), ema.module.parameters())]
+    assert any(differs)
+    best = torch.load(tmp_path / "ckpt" / "diffusion.pt", weights_only=True)  # the EMA weights, by validation
+    assert set(best) == set(ema.module.state_dict())
+    state = torch.load(tmp_path / "ckpt" / "diffusion_checkpoint_epoch=4.pt", weights_only=True)
+    assert {"diffusion", "ema_diffusion", "optimizer", "lr_scheduler", "trainer"} <= set(state)
+
+
+def test_prior_resumes_with_its_ema(latents, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run_diffusion(latents, ckpt, stop_after_epoch=2, max_epochs=3)
+    resumed, losses, parser = run_diffusion(latents, ckpt, max_epochs=3, resume=True)
+    assert len(losses) == 6 and resumed.state.iteration == 18
+    assert int(parser.get_parsed_content("ema_diffusion").n_averaged) == 18
+
+
+def test_prior_needs_the_autoencoder_scale_factor(latents, tmp_path):
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / c) for c in CONFIGS])
+    parser.update({"ckpt_dir": str(tmp_path)})
+    with pytest.raises(Exception) as err:
+        parser.get_parsed_content("scale_factor")
+    assert "no latent scale factor" in _messages(err.value)
+
+
+def test_prior_two_process_ddp(latents, tmp_path):
+    shutil.copy(latents / "autoencoder_scale.json", tmp_path)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    files = "['configs/train_diffusion.json','configs/multi_gpu_train_diffusion.json','configs/tiny.json']"
+    cmd = [torchrun, "--nproc_per_node=2", "-m", "monai.bundle", "run", "training", "--config_file", files,
+           "--datalist", str(latents / "datalist_latents.json"), "--ckpt_dir", str(tmp_path), "--output_dir",
+           str(tmp_path / "tb"), "--max_epochs", "1"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = torch.load(tmp_path / "diffusion_checkpoint_epoch=1.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 6
+    assert not any(k.startswith("module.") for k in state["diffusion"])
+
+
+def test_prior_matches_the_autoencoder_latents():
+    for name in ("common.json", "tiny.json"):
+        cfg = json.loads((ROOT / "configs" / name).read_text())
+        assert cfg["diffusion_def"]["in_channels"] == cfg["autoencoder_def"]["latent_channels"]
+        assert cfg["diffusion_def"]["out_channels"] == cfg["autoencoder_def"]["latent_channels"]
