@@ -59,3 +59,12 @@ class TrainingCheckpointSaver:
         CheckpointSaver(save_dir=self.save_dir, save_dict={**self.save_dict, "trainer": engine},
                         file_prefix=self.prefix, save_interval=self.save_interval, n_saved=self.n_saved,
                         epoch_level=True).attach(engine)
+
+
+def load_weights(network: torch.nn.Module, path: str | Path, map_location: str | torch.device = "cpu"
+                 ) -> torch.nn.Module:
+    """Load a state dict saved by this bundle (``weights_only=True``), with an error naming a missing file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no weights (train the stage that makes them, or point ckpt_dir at them)")
+    network.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+    return network

@@ -59,3 +59,10 @@ class FixedDiffusionPrepareBatch(DiffusionPrepareBatch):
 
     def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
         return torch.full((images.shape[0],), self.timestep, dtype=torch.long, device=images.device)
+
+
+def controlnet_from_prior(controlnet: torch.nn.Module, diffusion: torch.nn.Module) -> torch.nn.Module:
+    """Start the ControlNet from the prior's encoder weights (the ControlNet recipe); its zero-initialised
+    output convolutions make it a no-op at first."""
+    controlnet.load_state_dict(diffusion.state_dict(), strict=False)
+    return controlnet

@@ -1,7 +1,8 @@
-"""The VAE-GAN trainer for the AutoencoderKL: MONAI's ``Trainer`` with generator and discriminator steps.
+"""Trainers MONAI has no class for: the autoencoder's VAE-GAN steps and the ControlNet on a frozen prior.
 
 MONAI's ``AdversarialTrainer`` has no KL term, adversarial warm-up or gradient accumulation, which a latent
-diffusion autoencoder needs, hence this small subclass.
+diffusion autoencoder needs; its ``SupervisedTrainer`` runs one network, while stage 3 needs a frozen
+autoencoder, a frozen prior and the ControlNet in one step.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from monai.engines import IterationEvents, Trainer
+from monai.inferers import ControlNetDiffusionInferer
 from monai.engines.utils import default_prepare_batch
 from monai.losses import PatchAdversarialLoss
+from monai.networks.schedulers import Scheduler
 from monai.utils import CommonKeys as Keys
 from torch.optim import Optimizer
 
@@ -159,3 +162,59 @@ def loss_terms(output: list[dict] | dict) -> dict[str, float]:
     first = output[0] if isinstance(output, list) else output
     skip = {Keys.IMAGE, Keys.PRED, Keys.LABEL}
     return {k: float(v) for k, v in first.items() if k not in skip}
+
+
+class ControlNetTrainer(Trainer):
+    """Trains a ControlNet on a frozen latent prior: the clean patch is encoded by the frozen autoencoder (times
+    the latent scale factor), noised, and the prior, steered by the ControlNet from the degraded patch
+    (``condition_key``, on the clean patch's grid), predicts the noise (MSE)."""
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        controlnet: torch.nn.Module,
+        optimizer: Optimizer,
+        diffusion: torch.nn.Module,
+        autoencoder: torch.nn.Module,
+        scheduler: Scheduler,
+        scale_factor: float,
+        condition_key: str = "condition",
+        epoch_length: int | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        non_blocking: bool = False,
+    ) -> None:
+        amp = amp and torch.device(device).type == "cuda"
+        super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
+                         epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, amp=amp)
+        self.controlnet, self.optimizer = controlnet, optimizer
+        self.diffusion, self.autoencoder = diffusion.eval().requires_grad_(False), autoencoder.eval().requires_grad_(False)
+        self.scheduler, self.scale_factor, self.condition_key = scheduler, float(scale_factor), condition_key
+        self.inferer = ControlNetDiffusionInferer(scheduler)
+        self.scaler = torch.amp.GradScaler("cuda") if amp else None
+
+    def _iteration(self, engine: ControlNetTrainer, batchdata: dict) -> dict:  # type: ignore[override]
+        device = engine.state.device
+        images = batchdata["image"].to(device, non_blocking=engine.non_blocking)
+        condition = batchdata[self.condition_key].to(device, non_blocking=engine.non_blocking)
+        with torch.no_grad(), torch.autocast("cuda", enabled=self.amp):
+            latents = self.autoencoder.encode(images)[0].float() * self.scale_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (latents.shape[0],), device=device)
+        self.controlnet.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", enabled=self.amp):
+            pred = self.inferer(latents, self.diffusion, self.controlnet, noise, timesteps, cn_cond=condition)
+            loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        engine.state.output = {Keys.IMAGE: images, Keys.PRED: pred.detach(), Keys.LOSS: loss.detach()}
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

@@ -1,0 +1,89 @@
+"""Stage 3: the ControlNet trained on degraded/clean pairs made on the fly, on a frozen prior."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from tests.conftest import ROOT
+from tests.test_autoencoder import crops  # noqa: F401  (a fixture)
+
+CONFIGS = ["configs/train_controlnet.json", "configs/tiny.json"]
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory) -> Path:
+    """Tiny autoencoder and prior weights with a scale factor, as stages 1 and 2 leave them."""
+    ckpt = tmp_path_factory.mktemp("frozen")
+    tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
+    torch.manual_seed(0)
+    torch.save(tiny.get_parsed_content("autoencoder_def").state_dict(), ckpt / "autoencoder.pt")
+    torch.save(tiny.get_parsed_content("diffusion_def").state_dict(), ckpt / "diffusion.pt")
+    (ckpt / "autoencoder_scale.json").write_text(json.dumps({"scale_factor": 1.3}))
+    return ckpt
+
+
+def parse(crops: Path, ckpt: Path, **overrides) -> ConfigParser:  # noqa: F811
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / c) for c in CONFIGS])
+    parser.update({"bundle_root": str(ROOT), "datalist": str(crops / "datalist.json"), "ckpt_dir": str(ckpt),
+                   "output_dir": str(ckpt / "tb"), **overrides})
+    return parser
+
+
+def test_controlnet_trains_on_the_frozen_prior(crops, frozen, tmp_path):  # noqa: F811
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(frozen, ckpt)
+    parser = parse(crops, ckpt, max_epochs=2)
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        parser.parse()
+        prior_before = {k: v.clone() for k, v in parser.get_parsed_content("diffusion").state_dict().items()}
+        controlnet = parser.get_parsed_content("controlnet")
+        cn_before = {k: v.clone() for k, v in controlnet.state_dict().items()}
+        # the ControlNet starts from the prior's encoder
+        torch.testing.assert_close(cn_before["conv_in.conv.weight"], prior_before["conv_in.conv.weight"])
+        batch = parser.get_parsed_content("train#dataset")[0][0]
+        assert batch["image"].shape == batch["condition"].shape == (1, 32, 32, 16)
+        assert not torch.equal(batch["image"], batch["condition"])  # a degraded pair
+        parser.get_parsed_content("initialize")
+        parser.get_parsed_content("run")
+    finally:
+        os.chdir(cwd)
+    assert parser.get_parsed_content("train#trainer").state.iteration == 12
+    for k, v in parser.get_parsed_content("diffusion").state_dict().items():
+        torch.testing.assert_close(v, prior_before[k])  # frozen
+    saved = torch.load(ckpt / "controlnet.pt", weights_only=True)
+    assert any(not torch.equal(saved[k], cn_before[k]) for k in saved)
+
+
+def test_controlnet_needs_the_earlier_stages(crops, tmp_path):  # noqa: F811
+    parser = parse(crops, tmp_path)
+    with pytest.raises(Exception) as err:
+        parser.get_parsed_content("diffusion")
+    from tests.test_autoencoder import _messages
+
+    assert "diffusion.pt: no weights" in _messages(err.value)
+
+
+def test_controlnet_two_process_ddp(crops, frozen, tmp_path):  # noqa: F811
+    shutil.copytree(frozen, tmp_path / "ckpt")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    files = "['configs/train_controlnet.json','configs/multi_gpu_train_controlnet.json','configs/tiny.json']"
+    cmd = [torchrun, "--nproc_per_node=2", "-m", "monai.bundle", "run", "training", "--config_file", files,
+           "--datalist", str(crops / "datalist.json"), "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir",
+           str(tmp_path / "tb"), "--max_epochs", "1"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = torch.load(tmp_path / "ckpt" / "controlnet.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in saved)
