@@ -1,0 +1,226 @@
+"""The main job: enhance a whole CT or MR volume with the latent ControlNet, on the grid the user asks for.
+
+Pipeline: load and check the input (file or DICOM folder) -> resample it onto the FOV-preserving target grid
+(trilinear; the ControlNet's condition) -> normalise -> draw seeded latent noise -> DDIM sampling in which the
+prior, steered by the ControlNet, runs window by window over the latent (condition windows aligned with them)
+-> windowed decode -> back to the input's units -> atomic NIfTI write. Memory is bounded by the window settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
+from monai.networks.schedulers import Scheduler
+from tqdm import tqdm
+
+from scripts.autoencoder import decode_volume, downsample_factor, pad_for, tiled_apply
+from scripts.baselines import resample
+from scripts.intensity import denormalize, intensity_params, normalize
+from scripts.volumes import load_volume, save_volume, spacing_of
+
+logger = logging.getLogger(__name__)
+
+
+def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
+    """``(B, C, fX, fY, fZ)`` -> ``(B, C*f^3, X, Y, Z)``: image-resolution data on the latent grid."""
+    b, c, *s = x.shape
+    x = x.reshape(b, c, s[0] // f, f, s[1] // f, f, s[2] // f, f)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * f**3, s[0] // f, s[1] // f, s[2] // f)
+
+
+def depth_to_space(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Inverse of ``space_to_depth``."""
+    b, c, *s = x.shape
+    c0 = c // f**3
+    x = x.reshape(b, c0, f, f, f, *s).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, c0, s[0] * f, s[1] * f, s[2] * f)
+
+
+def target_spacing_of(image: torch.Tensor, target_spacing: Sequence[float] | None) -> list[float]:
+    """The requested output spacing, or the input's (pure restoration); refuses non-positive values."""
+    if target_spacing is None or (isinstance(target_spacing, str) and not target_spacing.strip()):
+        return spacing_of(image.affine).tolist()
+    values = json.loads(target_spacing) if isinstance(target_spacing, str) else target_spacing
+    values = [float(v) for v in values]
+    if len(values) != 3 or not all(np.isfinite(values)) or min(values) <= 0:
+        raise ValueError(f"target_spacing must be three positive numbers in mm, got {target_spacing}")
+    return values
+
+
+@torch.no_grad()
+def sample_latent(
+    diffusion: DiffusionModelUNet,
+    controlnet: ControlNet,
+    scheduler: Scheduler,
+    condition: torch.Tensor,
+    latent_channels: int,
+    factor: int,
+    num_inference_steps: int,
+    generator: torch.Generator,
+    roi_size: Sequence[int],
+    overlap: float = 0.25,
+    halo: int = 4,
+    progress: bool = True,
+) -> torch.Tensor:
+    """DDIM sampling of a latent for a padded, normalised ``condition`` ``(1, 1, fX, fY, fZ)``.
+
+    At each step the noise prediction is computed window by window over the whole latent (``tiled_apply``), with
+    the condition folded onto the latent grid so that each window sees its own part of it.
+    """
+    device = condition.device
+    cond = space_to_depth(condition, factor)
+    z = torch.randn((1, latent_channels, *cond.shape[2:]), generator=generator).to(device)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    amp = device.type == "cuda"
+
+    def predict(window: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        zw, cw = window[:, :latent_channels], depth_to_space(window[:, latent_channels:], factor)
+        ts = t.reshape(1).to(device)
+        with torch.autocast("cuda", enabled=amp):
+            down, mid = controlnet(x=zw, timesteps=ts, controlnet_cond=cw)
+            out = diffusion(x=zw, timesteps=ts, down_block_additional_residuals=down,
+                            mid_block_additional_residual=mid)
+        return out.float()
+
+    for t in tqdm(scheduler.timesteps, desc="denoising steps", disable=not progress):
+        noise_pred = tiled_apply(lambda w: predict(w, t), torch.cat([z, cond], 1), roi_size, 1.0, overlap, halo)
+        z, _ = scheduler.step(noise_pred, int(t), z)
+    return z
+
+
+def enhance_volume(
+    image: torch.Tensor,
+    networks: dict,
+    target_spacing: Sequence[float] | None = None,
+    modality: str | None = None,
+    num_inference_steps: int = 20,
+    seed: int = 0,
+    num_samples: int = 1,
+    sliding_window: dict | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, str]:
+    """Enhance a loaded ``(1, X, Y, Z)`` MetaTensor; return the mean, the std map (``num_samples > 1``), the
+    output affine and the modality used. Values are in the input's units."""
+    device = torch.device(device)
+    sw = {"roi_size": [96, 96, 64], "overlap": 0.25, **(sliding_window or {})}
+    ae: AutoencoderKL = networks["autoencoder"].eval()
+    f = downsample_factor(ae)
+    modality = (modality or str(image.meta.get("modality", "")).lower() or "ct").lower()
+    if modality not in ("ct", "mr"):
+        raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
+    spacing = target_spacing_of(image, target_spacing)
+    if np.allclose(spacing, spacing_of(image.affine)):
+        condition, affine = image.as_tensor().float(), np.asarray(image.affine)
+    else:
+        condition, affine = resample(image.as_tensor().float(), np.asarray(image.affine), spacing, "trilinear")
+    params = intensity_params(image.as_tensor(), modality)
+    padded, crop = pad_for(ae, normalize(condition, params)[None].to(device))
+    latent_roi = [max(1, r // f) for r in sw["roi_size"]]
+    samples = []
+    for k in range(max(1, int(num_samples))):
+        gen = torch.Generator().manual_seed(int(seed) + k)
+        z = sample_latent(networks["diffusion"].eval(), networks["controlnet"].eval(), networks["scheduler"], padded,
+                          ae.latent_channels, f, num_inference_steps, gen, latent_roi, sw["overlap"],
+                          progress=progress)
+        decoded = decode_volume(ae, z / networks["scale_factor"], latent_roi, sw["overlap"], progress=progress)
+        samples.append(denormalize(decoded[crop][0].float().cpu(), params))
+    stack = torch.stack(samples)
+    std = stack.std(0) if len(samples) > 1 else None
+    return stack.mean(0), std, affine, modality
+
+
+def _output_dtype(modality: str) -> str:
+    return "int16" if modality == "ct" else "float32"
+
+
+def enhance(
+    input_image: str,
+    output_image: str,
+    networks: dict,
+    target_spacing: Sequence[float] | str | None = None,
+    modality: str | None = None,
+    num_inference_steps: int = 20,
+    seed: int = 0,
+    num_samples: int = 1,
+    sliding_window: dict | None = None,
+    device: str | torch.device = "cpu",
+    series_uid: str | None = None,
+) -> dict:
+    """Enhance one file or DICOM series into ``output_image`` (NIfTI, atomic), plus ``*_std.nii.gz`` when
+    ``num_samples > 1``. The input is only read; after a failure no output is left."""
+    if not str(output_image).endswith((".nii", ".nii.gz")):
+        raise ValueError(f"{output_image}: the output must be a NIfTI file (.nii.gz or .nii)")
+    t0 = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    image = load_volume(input_image, series_uid=series_uid)
+    mean, std, affine, modality = enhance_volume(image, networks, target_spacing, modality, num_inference_steps,
+                                                 seed, num_samples, sliding_window, device)
+    save_volume(mean, affine, output_image, dtype=_output_dtype(modality))
+    outputs = {"output": str(output_image)}
+    if std is not None:
+        std_path = str(output_image).removesuffix(".gz").removesuffix(".nii") + "_std.nii.gz"
+        save_volume(std, affine, std_path, dtype="float32")
+        outputs["std"] = std_path
+    seconds = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    logger.info("enhanced %s -> %s in %.1f s, peak %s memory %.2f GiB", input_image, output_image, seconds,
+                "GPU" if torch.cuda.is_available() else "process", peak)
+    return {**outputs, "seconds": seconds, "modality": modality, "shape": list(mean.shape),
+            "spacing": spacing_of(affine).tolist()}
+
+
+def enhance_datalist(
+    datalist: str,
+    output_dir: str,
+    networks: dict,
+    keys: Sequence[str] = ("training", "validation", "testing"),
+    **kwargs,
+) -> str:
+    """Enhance every image of an Auto3DSeg datalist into ``output_dir`` and write the matching datalist there:
+    the same entries, folds and labels, with ``image`` pointing at the enhanced volumes."""
+    from scripts.datalist import read_datalist
+
+    src = json.loads(Path(datalist).read_text())
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    new = {k: v for k, v in src.items() if k not in keys}
+    new["dataroot"] = str(out.resolve())
+    for key in keys:
+        if not src.get(key):
+            continue
+        entries = read_datalist(datalist, key)
+        new[key] = []
+        for original, item in zip(src[key], entries):
+            name = Path(str(item["image"]).rstrip("/")).name.split(".")[0] + "_enhanced.nii.gz"
+            enhance(item["image"], str(out / name), networks, **kwargs)
+            entry = dict(original)
+            entry["image"] = name
+            if "label" in item:
+                entry["label"] = item["label"]  # absolute: labels stay where they are
+            new[key].append(entry)
+    target = out / "datalist_enhanced.json"
+    target.write_text(json.dumps(new, indent=2))
+    return str(target)
+
+
+def run(input_image: str = "", output_image: str = "", datalist: str = "", output_dir: str = "", **kwargs):
+    """The bundle's entry point: one volume (``input_image`` -> ``output_image``) or batch mode (``datalist``)."""
+    if datalist:
+        if not output_dir:
+            raise ValueError("batch mode needs --output_dir")
+        return enhance_datalist(datalist, output_dir, **kwargs)
+    if not input_image or not output_image:
+        raise ValueError("give --input_image and --output_image (or --datalist and --output_dir)")
+    return enhance(input_image, output_image, **kwargs)
+

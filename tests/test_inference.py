@@ -1,0 +1,137 @@
+"""The main job (configs/inference.json): the public command-line contract on a real crop, with tiny networks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from scripts.enhance import depth_to_space, run, space_to_depth
+from scripts.grid import fov_grid
+from tests.conftest import ROOT
+from tests.test_autoencoder import crops  # noqa: F401  (a fixture)
+
+CONFIGS = [str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "tiny.json")]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """Tiny autoencoder, prior and ControlNet weights in one ckpt_dir (untrained: the contract, not quality)."""
+    ckpt = tmp_path_factory.mktemp("models")
+    tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
+    torch.manual_seed(0)
+    for name in ("autoencoder", "diffusion", "controlnet"):
+        torch.save(tiny.get_parsed_content(f"{name}_def").state_dict(), ckpt / f"{name}.pt")
+    (ckpt / "autoencoder_scale.json").write_text(json.dumps({"scale_factor": 1.2}))
+    return ckpt
+
+
+def networks(ckpt: Path) -> dict:
+    parser = ConfigParser()
+    parser.read_config(CONFIGS)
+    parser.update({"ckpt_dir": str(ckpt), "device": "cpu"})
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        parser.parse()
+        return parser.get_parsed_content("networks")
+    finally:
+        os.chdir(cwd)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_space_to_depth_round_trip():
+    x = torch.rand(1, 1, 8, 6, 4)
+    y = space_to_depth(x, 2)
+    assert y.shape == (1, 8, 4, 3, 2)
+    torch.testing.assert_close(depth_to_space(y, 2), x)
+    torch.testing.assert_close(y[0, :, 1, 2, 0], x[0, 0, 2:4, 4:6, 0:2].flatten())
+
+
+def test_super_resolution_contract(crops, weights, tmp_path):  # noqa: F811
+    src = crops / "c.nii.gz"
+    before = sha(src)
+    nets = networks(weights)
+    out = tmp_path / "sr.nii.gz"
+    res = run(str(src), str(out), networks=nets, target_spacing="[1.1406, 1.1406, 2.5]", num_inference_steps=2,
+              seed=3, sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25})
+    assert sha(src) == before  # the input is never modified
+    img, ref = nib.load(out), nib.load(src)
+    shape, affine, _ = fov_grid(ref.shape, ref.affine, [1.1406, 1.1406, 2.5])
+    assert img.shape == shape == (64, 64, 32)  # 5 mm -> 2.5 mm: each input slice maps onto exactly 2
+    np.testing.assert_allclose(img.affine, affine, atol=1e-3)
+    assert img.get_data_dtype() == np.int16 and res["modality"] == "ct"
+    # same orientation and field of view: the first output slice's low edge is the input's low edge
+    np.testing.assert_allclose((img.affine @ [0, 0, -0.5, 1])[:3], (ref.affine @ [0, 0, -0.5, 1])[:3], atol=1e-3)
+    again = tmp_path / "again.nii.gz"
+    run(str(src), str(again), networks=nets, target_spacing=[1.1406, 1.1406, 2.5], num_inference_steps=2, seed=3,
+        sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25})
+    np.testing.assert_array_equal(np.asarray(img.dataobj), np.asarray(nib.load(again).dataobj))  # seeded
+    other = tmp_path / "other.nii.gz"
+    run(str(src), str(other), networks=nets, target_spacing=[1.1406, 1.1406, 2.5], num_inference_steps=2, seed=4,
+        sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25})
+    assert not np.array_equal(np.asarray(img.dataobj), np.asarray(nib.load(other).dataobj))
+
+
+def test_denoising_keeps_the_grid_and_writes_uncertainty(crops, weights, tmp_path):  # noqa: F811
+    src = crops / "a.nii.gz"
+    out = tmp_path / "dn.nii.gz"
+    res = run(str(src), str(out), networks=networks(weights), num_inference_steps=1, num_samples=2,
+              sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25})
+    img, ref = nib.load(out), nib.load(src)
+    assert img.shape == ref.shape
+    np.testing.assert_allclose(img.affine, ref.affine, atol=1e-4)
+    std = nib.load(res["std"])
+    assert std.shape == ref.shape and float(np.asarray(std.dataobj).max()) > 0
+
+
+def test_batch_mode_writes_the_matching_datalist(crops, weights, tmp_path):  # noqa: F811
+    dl = {"dataroot": str(crops), "training": [{"image": "a.nii.gz", "label": "b.nii.gz", "fold": 1}],
+          "testing": [{"image": "c.nii.gz"}]}
+    (tmp_path / "dl.json").write_text(json.dumps(dl))
+    target = run(datalist=str(tmp_path / "dl.json"), output_dir=str(tmp_path / "out"), networks=networks(weights),
+                 num_inference_steps=1, sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25})
+    new = json.loads(Path(target).read_text())
+    assert new["training"] == [{"image": "a_enhanced.nii.gz", "label": str(crops / "b.nii.gz"), "fold": 1}]
+    assert new["testing"] == [{"image": "c_enhanced.nii.gz"}]
+    assert (Path(new["dataroot"]) / "c_enhanced.nii.gz").is_file()
+
+
+def bundle(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           "['configs/inference.json','configs/tiny.json']", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("problem", ["missing_input", "bad_spacing", "missing_weights"])
+def test_bad_input_gives_a_clear_error_and_no_output(crops, weights, tmp_path, problem):  # noqa: F811
+    ckpt = tmp_path / "models"
+    shutil.copytree(weights, ckpt)
+    src, spacing = str(crops / "c.nii.gz"), "[1, 1, 2]"
+    expected = {"missing_input": "nope.nii.gz: no such file", "bad_spacing": "three positive numbers",
+                "missing_weights": "controlnet.pt: no weights"}[problem]
+    if problem == "missing_input":
+        src = str(tmp_path / "nope.nii.gz")
+    elif problem == "bad_spacing":
+        spacing = "[1, 0, 2]"
+    else:
+        (ckpt / "controlnet.pt").unlink()
+    out = tmp_path / "out.nii.gz"
+    res = bundle("--input_image", src, "--output_image", str(out), "--ckpt_dir", str(ckpt), "--target_spacing",
+                 spacing, "--num_inference_steps", "1", "--device", "cpu")
+    assert res.returncode != 0
+    assert expected in res.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.nii*"))
