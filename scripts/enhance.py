@@ -132,10 +132,18 @@ def enhance_volume(
                           ae.latent_channels, f, num_inference_steps, gen, latent_roi, sw["overlap"],
                           progress=progress)
         decoded = decode_volume(ae, z / networks["scale_factor"], latent_roi, sw["overlap"], progress=progress)
-        samples.append(denormalize(decoded[crop][0].float().cpu(), params))
+        samples.append(physical_range(denormalize(decoded[crop][0].float().cpu(), params), image, modality))
     stack = torch.stack(samples)
     std = stack.std(0) if len(samples) > 1 else None
     return stack.mean(0), std, affine, modality
+
+
+def physical_range(values: torch.Tensor, image: torch.Tensor, modality: str) -> torch.Tensor:
+    """Clip to values the modality can hold: CT from -1024 HU (air) up to the larger of 3071 HU and the
+    input's maximum (metal), MR from 0 (a magnitude image)."""
+    if modality == "ct":
+        return values.clamp(-1024.0, max(3071.0, float(image.max())))
+    return values.clamp(min=0.0)
 
 
 def _output_dtype(modality: str) -> str:
