@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
 from monai.networks.schedulers import Scheduler
 from tqdm import tqdm
@@ -107,13 +108,18 @@ def enhance_volume(
     sliding_window: dict | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    method: str = "diffusion",
 ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, str]:
     """Enhance a loaded ``(1, X, Y, Z)`` MetaTensor; return the mean, the std map (``num_samples > 1``), the
-    output affine and the modality used. Values are in the input's units."""
+    output affine and the modality used. Values are in the input's units.
+
+    ``method='regression'`` runs the supervised peer (``networks['regression']``) with MONAI's sliding window on
+    the same condition instead of the latent ControlNet.
+    """
     device = torch.device(device)
     sw = {"roi_size": [96, 96, 64], "overlap": 0.25, **(sliding_window or {})}
-    ae: AutoencoderKL = networks["autoencoder"].eval()
-    f = downsample_factor(ae)
+    if method not in ("diffusion", "regression"):
+        raise ValueError(f"method must be 'diffusion' or 'regression', got {method!r}")
     modality = (modality or str(image.meta.get("modality", "")).lower() or "ct").lower()
     if modality not in ("ct", "mr"):
         raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
@@ -123,6 +129,14 @@ def enhance_volume(
     else:
         condition, affine = resample(image.as_tensor().float(), np.asarray(image.affine), spacing, "trilinear")
     params = intensity_params(image.as_tensor(), modality)
+    if method == "regression":
+        inferer = SlidingWindowInferer(sw["roi_size"], sw_batch_size=1, overlap=sw["overlap"], mode="gaussian",
+                                       progress=progress)
+        with torch.no_grad(), torch.autocast("cuda", enabled=device.type == "cuda"):
+            pred = inferer(normalize(condition, params)[None].to(device), networks["regression"].eval())
+        return physical_range(denormalize(pred[0].float().cpu(), params), image, modality), None, affine, modality
+    ae: AutoencoderKL = networks["autoencoder"].eval()
+    f = downsample_factor(ae)
     padded, crop = pad_for(ae, normalize(condition, params)[None].to(device))
     latent_roi = [max(1, r // f) for r in sw["roi_size"]]
     samples = []
@@ -162,6 +176,7 @@ def enhance(
     sliding_window: dict | None = None,
     device: str | torch.device = "cpu",
     series_uid: str | None = None,
+    method: str = "diffusion",
 ) -> dict:
     """Enhance one file or DICOM series into ``output_image`` (NIfTI, atomic), plus ``*_std.nii.gz`` when
     ``num_samples > 1``. The input is only read; after a failure no output is left."""
@@ -172,7 +187,7 @@ def enhance(
         torch.cuda.reset_peak_memory_stats()
     image = load_volume(input_image, series_uid=series_uid)
     mean, std, affine, modality = enhance_volume(image, networks, target_spacing, modality, num_inference_steps,
-                                                 seed, num_samples, sliding_window, device)
+                                                 seed, num_samples, sliding_window, device, method=method)
     save_volume(mean, affine, output_image, dtype=_output_dtype(modality))
     outputs = {"output": str(output_image)}
     if std is not None:
