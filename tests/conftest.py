@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from ignite.engine import Events
+from monai.bundle import ConfigParser
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+SAMPLE = ROOT / "docs" / "samples" / "lung1_crop.nii.gz"
 sys.path.insert(0, str(ROOT))
 
 
@@ -33,3 +40,61 @@ def phantom_file(tmp_path: Path) -> Path:
     path = tmp_path / "phantom.nii.gz"
     nib.save(nib.Nifti1Image(vol.astype(np.int16), affine), path)
     return path
+
+
+def run_config(configs: list[str], stop_after_epoch: int | None = None, loss_key: str = "loss", **overrides):
+    """Parse ``configs/<name>`` files with ``overrides``, run ``initialize`` and ``run`` in-process, and return
+    the trainer, the per-iteration ``loss_key`` values and the parser. ``stop_after_epoch`` interrupts the run
+    after that epoch's checkpoint, as a crash would."""
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / c) for c in configs])
+    parser.update({"bundle_root": str(ROOT), **overrides})
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the configs name configs/common.json relative to the bundle root
+    try:
+        parser.parse()
+        trainer = parser.get_parsed_content("train#trainer")
+        losses: list[float] = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                                  lambda e: losses.append(float(e.state.output[0][loss_key])))
+        if stop_after_epoch:
+            trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after_epoch), lambda e: e.terminate())
+        parser.get_parsed_content("initialize")
+        parser.get_parsed_content("run")
+    finally:
+        os.chdir(cwd)
+    return trainer, losses, parser
+
+
+def torchrun(config_files: str, *args: str, nproc: int = 2):
+    """``torchrun --nproc_per_node=nproc -m monai.bundle run training`` on the CPU (gloo), from the bundle root."""
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    cmd = [exe, f"--nproc_per_node={nproc}", "-m", "monai.bundle", "run", "training", "--config_file", config_files,
+           *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="session")
+def crops(tmp_path_factory) -> Path:
+    """Three 64x64x16 crops of the committed real CT sample and a datalist."""
+    root = tmp_path_factory.mktemp("crops")
+    img = nib.load(SAMPLE)
+    v, a = np.asarray(img.dataobj), img.affine
+    for name, (x0, y0) in {"a": (40, 60), "b": (120, 60), "c": (80, 120)}.items():
+        aff = a.copy()
+        aff[:3, 3] = (a @ np.array([x0, y0, 4, 1]))[:3]
+        nib.save(nib.Nifti1Image(v[x0:x0 + 64, y0:y0 + 64, 4:20], aff), root / f"{name}.nii.gz")
+    dl = {"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}], "validation": [{"image": "c.nii.gz"}]}
+    (root / "datalist.json").write_text(json.dumps(dl))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(crops, tmp_path_factory):
+    """Stage 1 trained for 3 tiny epochs on the crops: (ckpt_dir, trainer, l1 losses, parser)."""
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    trainer, losses, parser = run_config(["train_autoencoder.json", "tiny.json"], None, "l1",
+                                         datalist=str(crops / "datalist.json"), ckpt_dir=str(ckpt),
+                                         output_dir=str(ckpt / "tb"), max_epochs=3)
+    return ckpt, trainer, losses, parser

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +11,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Events
-from monai.bundle import ConfigParser
 from monai.networks.nets import AutoencoderKL
 
 from scripts.autoencoder import (
@@ -25,10 +21,9 @@ from scripts.autoencoder import (
     load_scale_factor,
     reconstruct_volume,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SAMPLE, run_config, torchrun
 
-SAMPLE = ROOT / "docs" / "samples" / "lung1_crop.nii.gz"
-CONFIGS = ["configs/train_autoencoder.json", "configs/tiny.json"]
+CONFIGS = ["train_autoencoder.json", "tiny.json"]
 
 
 def tiny_autoencoder(**kw) -> AutoencoderKL:
@@ -38,21 +33,6 @@ def tiny_autoencoder(**kw) -> AutoencoderKL:
     args.update(kw)
     torch.manual_seed(0)
     return AutoencoderKL(**args).eval()
-
-
-@pytest.fixture(scope="module")
-def crops(tmp_path_factory) -> Path:
-    """Three 64x64x16 crops of the committed real CT sample and a datalist."""
-    root = tmp_path_factory.mktemp("crops")
-    img = nib.load(SAMPLE)
-    v, a = np.asarray(img.dataobj), img.affine
-    for name, (x0, y0) in {"a": (40, 60), "b": (120, 60), "c": (80, 120)}.items():
-        aff = a.copy()
-        aff[:3, 3] = (a @ np.array([x0, y0, 4, 1]))[:3]
-        nib.save(nib.Nifti1Image(v[x0:x0 + 64, y0:y0 + 64, 4:20], aff), root / f"{name}.nii.gz")
-    dl = {"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}], "validation": [{"image": "c.nii.gz"}]}
-    (root / "datalist.json").write_text(json.dumps(dl))
-    return root
 
 
 def _messages(err: BaseException | None) -> str:
@@ -65,31 +45,8 @@ def _messages(err: BaseException | None) -> str:
 
 
 def run_training(crops: Path, ckpt: Path, stop_after_epoch: int | None = None, **overrides):
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / c) for c in CONFIGS])
-    parser.update({"bundle_root": str(ROOT), "datalist": str(crops / "datalist.json"), "ckpt_dir": str(ckpt),
-                   "output_dir": str(ckpt / "tb"), **overrides})
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # the configs name configs/common.json relative to the bundle root
-    try:
-        parser.parse()
-        trainer = parser.get_parsed_content("train#trainer")
-        losses = []
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["l1"])))
-        if stop_after_epoch:  # an interruption, after the epoch's checkpoint was written
-            trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after_epoch), lambda e: e.terminate())
-        parser.get_parsed_content("initialize")
-        parser.get_parsed_content("run")
-    finally:
-        os.chdir(cwd)
-    return trainer, losses, parser
-
-
-@pytest.fixture(scope="module")
-def trained(crops, tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("ckpt")
-    trainer, losses, parser = run_training(crops, ckpt, max_epochs=3)
-    return ckpt, trainer, losses, parser
+    settings = {"datalist": str(crops / "datalist.json"), "ckpt_dir": str(ckpt), "output_dir": str(ckpt / "tb")}
+    return run_config(CONFIGS, stop_after_epoch, "l1", **{**settings, **overrides})
 
 
 def test_tiny_training_loss_falls_and_writes_checkpoints(trained):
@@ -133,13 +90,9 @@ def test_bad_datalists_fail_clearly(crops, tmp_path):
 
 
 def test_two_process_ddp_run_on_gloo(crops, tmp_path):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     files = "['configs/train_autoencoder.json','configs/multi_gpu_train_autoencoder.json','configs/tiny.json']"
-    cmd = [torchrun, "--nproc_per_node=2", "-m", "monai.bundle", "run", "training", "--config_file", files,
-           "--datalist", str(crops / "datalist.json"), "--ckpt_dir", str(tmp_path), "--output_dir",
-           str(tmp_path / "tb"), "--max_epochs", "1"]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = torchrun(files, "--datalist", str(crops / "datalist.json"), "--ckpt_dir", str(tmp_path), "--output_dir",
+                   str(tmp_path / "tb"), "--max_epochs", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     state = torch.load(tmp_path / "autoencoder_checkpoint_epoch=1.pt", weights_only=True)
     # each rank sees half of the 2 volumes x 2 crops per epoch (DistributedSampler), 6 iterations each

@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from tests.conftest import ROOT
-from tests.test_autoencoder import crops  # noqa: F401  (a fixture)
+from tests.conftest import ROOT, torchrun
 
 CONFIGS = ["configs/train_controlnet.json", "configs/tiny.json"]
 
@@ -31,7 +28,7 @@ def frozen(tmp_path_factory) -> Path:
     return ckpt
 
 
-def parse(crops: Path, ckpt: Path, **overrides) -> ConfigParser:  # noqa: F811
+def parse(crops: Path, ckpt: Path, **overrides) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config([str(ROOT / c) for c in CONFIGS])
     parser.update({"bundle_root": str(ROOT), "datalist": str(crops / "datalist.json"), "ckpt_dir": str(ckpt),
@@ -39,7 +36,7 @@ def parse(crops: Path, ckpt: Path, **overrides) -> ConfigParser:  # noqa: F811
     return parser
 
 
-def test_controlnet_trains_on_the_frozen_prior(crops, frozen, tmp_path):  # noqa: F811
+def test_controlnet_trains_on_the_frozen_prior(crops, frozen, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(frozen, ckpt)
     parser = parse(crops, ckpt, max_epochs=2)
@@ -66,7 +63,7 @@ def test_controlnet_trains_on_the_frozen_prior(crops, frozen, tmp_path):  # noqa
     assert any(not torch.equal(saved[k], cn_before[k]) for k in saved)
 
 
-def test_controlnet_needs_the_earlier_stages(crops, tmp_path):  # noqa: F811
+def test_controlnet_needs_the_earlier_stages(crops, tmp_path):
     parser = parse(crops, tmp_path)
     with pytest.raises(Exception) as err:
         parser.get_parsed_content("diffusion")
@@ -75,15 +72,11 @@ def test_controlnet_needs_the_earlier_stages(crops, tmp_path):  # noqa: F811
     assert "diffusion.pt: no weights" in _messages(err.value)
 
 
-def test_controlnet_two_process_ddp(crops, frozen, tmp_path):  # noqa: F811
+def test_controlnet_two_process_ddp(crops, frozen, tmp_path):
     shutil.copytree(frozen, tmp_path / "ckpt")
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     files = "['configs/train_controlnet.json','configs/multi_gpu_train_controlnet.json','configs/tiny.json']"
-    cmd = [torchrun, "--nproc_per_node=2", "-m", "monai.bundle", "run", "training", "--config_file", files,
-           "--datalist", str(crops / "datalist.json"), "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir",
-           str(tmp_path / "tb"), "--max_epochs", "1"]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = torchrun(files, "--datalist", str(crops / "datalist.json"), "--ckpt_dir", str(tmp_path / "ckpt"),
+                   "--output_dir", str(tmp_path / "tb"), "--max_epochs", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     saved = torch.load(tmp_path / "ckpt" / "controlnet.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in saved)

@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from scripts.autoencoder import prepare_latents
-from tests.conftest import ROOT
-from tests.test_autoencoder import _messages, crops, tiny_autoencoder  # noqa: F401  (crops is a fixture)
+from tests.conftest import ROOT, run_config, torchrun
+from tests.test_autoencoder import _messages, tiny_autoencoder
 
-CONFIGS = ["configs/train_diffusion.json", "configs/tiny.json"]
+CONFIGS = ["train_diffusion.json", "tiny.json"]
 
 
 @pytest.fixture(scope="module")
-def latents(crops, tmp_path_factory) -> Path:  # noqa: F811
+def latents(crops, tmp_path_factory) -> Path:
     """Latents of the real crops from a tiny autoencoder, with its scale factor."""
     out = tmp_path_factory.mktemp("latents")
     prepare_latents(tiny_autoencoder(), str(crops / "datalist.json"), str(out), roi_size=(32, 32, 16))
@@ -32,26 +28,10 @@ def latents(crops, tmp_path_factory) -> Path:  # noqa: F811
 
 
 def run_diffusion(latents: Path, ckpt: Path, stop_after_epoch: int | None = None, **overrides):
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / c) for c in CONFIGS])
     ckpt.mkdir(parents=True, exist_ok=True)
     shutil.copy(latents / "autoencoder_scale.json", ckpt)
-    parser.update({"bundle_root": str(ROOT), "datalist": str(latents / "datalist_latents.json"),
-                   "ckpt_dir": str(ckpt), "output_dir": str(ckpt / "tb"), **overrides})
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        parser.parse()
-        trainer = parser.get_parsed_content("train#trainer")
-        losses = []
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
-        if stop_after_epoch:
-            trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after_epoch), lambda e: e.terminate())
-        parser.get_parsed_content("initialize")
-        parser.get_parsed_content("run")
-    finally:
-        os.chdir(cwd)
-    return trainer, losses, parser
+    return run_config(CONFIGS, stop_after_epoch, datalist=str(latents / "datalist_latents.json"),
+                      ckpt_dir=str(ckpt), output_dir=str(ckpt / "tb"), **overrides)
 
 
 def test_prior_trains_on_scaled_latents_and_keeps_an_ema(latents, tmp_path):
@@ -82,7 +62,7 @@ def test_prior_resumes_with_its_ema(latents, tmp_path):
 
 def test_prior_needs_the_autoencoder_scale_factor(latents, tmp_path):
     parser = ConfigParser()
-    parser.read_config([str(ROOT / c) for c in CONFIGS])
+    parser.read_config([str(ROOT / "configs" / c) for c in CONFIGS])
     parser.update({"ckpt_dir": str(tmp_path)})
     with pytest.raises(Exception) as err:
         parser.get_parsed_content("scale_factor")
@@ -91,13 +71,9 @@ def test_prior_needs_the_autoencoder_scale_factor(latents, tmp_path):
 
 def test_prior_two_process_ddp(latents, tmp_path):
     shutil.copy(latents / "autoencoder_scale.json", tmp_path)
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     files = "['configs/train_diffusion.json','configs/multi_gpu_train_diffusion.json','configs/tiny.json']"
-    cmd = [torchrun, "--nproc_per_node=2", "-m", "monai.bundle", "run", "training", "--config_file", files,
-           "--datalist", str(latents / "datalist_latents.json"), "--ckpt_dir", str(tmp_path), "--output_dir",
-           str(tmp_path / "tb"), "--max_epochs", "1"]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = torchrun(files, "--datalist", str(latents / "datalist_latents.json"), "--ckpt_dir", str(tmp_path),
+                   "--output_dir", str(tmp_path / "tb"), "--max_epochs", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     state = torch.load(tmp_path / "diffusion_checkpoint_epoch=1.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 6

@@ -19,7 +19,6 @@ from monai.bundle import ConfigParser
 from scripts.enhance import depth_to_space, run, space_to_depth
 from scripts.grid import fov_grid
 from tests.conftest import ROOT
-from tests.test_autoencoder import crops  # noqa: F401  (a fixture)
 
 CONFIGS = [str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "tiny.json")]
 
@@ -61,7 +60,7 @@ def test_space_to_depth_round_trip():
     torch.testing.assert_close(y[0, :, 1, 2, 0], x[0, 0, 2:4, 4:6, 0:2].flatten())
 
 
-def test_super_resolution_contract(crops, weights, tmp_path):  # noqa: F811
+def test_super_resolution_contract(crops, weights, tmp_path):
     src = crops / "c.nii.gz"
     before = sha(src)
     nets = networks(weights)
@@ -86,7 +85,7 @@ def test_super_resolution_contract(crops, weights, tmp_path):  # noqa: F811
     assert not np.array_equal(np.asarray(img.dataobj), np.asarray(nib.load(other).dataobj))
 
 
-def test_denoising_keeps_the_grid_and_writes_uncertainty(crops, weights, tmp_path):  # noqa: F811
+def test_denoising_keeps_the_grid_and_writes_uncertainty(crops, weights, tmp_path):
     src = crops / "a.nii.gz"
     out = tmp_path / "dn.nii.gz"
     res = run(str(src), str(out), networks=networks(weights), num_inference_steps=1, num_samples=2,
@@ -98,7 +97,7 @@ def test_denoising_keeps_the_grid_and_writes_uncertainty(crops, weights, tmp_pat
     assert std.shape == ref.shape and float(np.asarray(std.dataobj).max()) > 0
 
 
-def test_batch_mode_writes_the_matching_datalist(crops, weights, tmp_path):  # noqa: F811
+def test_batch_mode_writes_the_matching_datalist(crops, weights, tmp_path):
     dl = {"dataroot": str(crops), "training": [{"image": "a.nii.gz", "label": "b.nii.gz", "fold": 1}],
           "testing": [{"image": "c.nii.gz"}]}
     (tmp_path / "dl.json").write_text(json.dumps(dl))
@@ -117,7 +116,7 @@ def bundle(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("problem", ["missing_input", "bad_spacing", "missing_weights"])
-def test_bad_input_gives_a_clear_error_and_no_output(crops, weights, tmp_path, problem):  # noqa: F811
+def test_bad_input_gives_a_clear_error_and_no_output(crops, weights, tmp_path, problem):
     ckpt = tmp_path / "models"
     shutil.copytree(weights, ckpt)
     src, spacing = str(crops / "c.nii.gz"), "[1, 1, 2]"

@@ -14,26 +14,14 @@ from monai.bundle import ConfigParser
 
 from scripts.autoencoder import prepare_latents
 from scripts.enhance import run
-from tests.conftest import ROOT
-from tests.test_autoencoder import crops, trained  # noqa: F401  (fixtures: stage 1 already trained on the crops)
+from tests.conftest import ROOT, run_config
 
 
 def _run(configs: list[str], **overrides) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / c) for c in configs])
-    parser.update({"bundle_root": str(ROOT), **overrides})
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        parser.parse()
-        parser.get_parsed_content("initialize")
-        parser.get_parsed_content("run")
-    finally:
-        os.chdir(cwd)
-    return parser
+    return run_config(configs, **overrides)[2]
 
 
-def test_three_stages_then_enhance(crops, trained, tmp_path):  # noqa: F811
+def test_three_stages_then_enhance(crops, trained, tmp_path):
     ckpt = tmp_path / "models"
     shutil.copytree(trained[0], ckpt, ignore=shutil.ignore_patterns("tb", "*_checkpoint_*"))
     ae = _run(["train_autoencoder.json", "tiny.json"], datalist=str(crops / "datalist.json"), ckpt_dir=str(ckpt),

@@ -10,11 +10,10 @@ import numpy as np
 import torch
 
 from tests.conftest import ROOT
-from tests.test_autoencoder import crops  # noqa: F401  (a fixture)
 from tests.test_pipeline import _run
 
 
-def test_regression_peer_trains_and_enhances(crops, tmp_path):  # noqa: F811
+def test_regression_peer_trains_and_enhances(crops, tmp_path):
     ckpt = tmp_path / "models"
     parser = _run(["train_regression.json", "tiny.json"], datalist=str(crops / "datalist.json"), ckpt_dir=str(ckpt),
                   output_dir=str(tmp_path / "tb"), max_epochs=2)
