@@ -115,6 +115,53 @@ NAMES = [
 ]
 
 
+def seam_ratio(overlap: float, halo: int, seed: int = 0) -> float:
+    """Error next to window borders over error elsewhere, for one windowed noise prediction of the tiny prior +
+    ControlNet (``configs/tiny.json``, random weights, 48x16x8 latent, 16x16x8 windows) against the whole latent."""
+    import json
+
+    from monai.bundle import ConfigParser
+
+    from scripts.autoencoder import _starts, tiled_apply
+    from scripts.enhance import depth_to_space, space_to_depth
+
+    with open("configs/tiny.json") as f:
+        tiny = ConfigParser(json.load(f))
+    torch.manual_seed(seed)
+    unet, cnet = tiny.get_parsed_content("diffusion_def").eval(), tiny.get_parsed_content("controlnet_def").eval()
+    for p in [*unet.parameters(), *cnet.parameters()]:  # zero-initialised output layers would hide everything
+        if not p.detach().abs().sum():
+            torch.nn.init.normal_(p, std=0.05)
+    z = torch.randn(1, 2, 48, 16, 8, generator=torch.Generator().manual_seed(seed + 1))
+    cond = torch.rand(1, 1, 96, 32, 16, generator=torch.Generator().manual_seed(seed + 2))
+    t = torch.tensor([500])
+
+    def predict(window: torch.Tensor) -> torch.Tensor:
+        zw, cw = window[:, :2], depth_to_space(window[:, 2:], 2)
+        down, mid = cnet(x=zw, timesteps=t, controlnet_cond=cw)
+        return unet(x=zw, timesteps=t, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    joined = torch.cat([z, space_to_depth(cond, 2)], 1)
+    with torch.no_grad():
+        whole = predict(joined)
+        err = (tiled_apply(predict, joined, (16, 16, 8), 1.0, overlap, halo=halo) - whole).abs()[0].mean(dim=(0, 2, 3))
+    step = max(1, int(16 * (1 - overlap)))
+    borders = {s for s in _starts(48, 16, step)} | {s + 16 for s in _starts(48, 16, step)}
+    near = np.zeros(48, bool)
+    for b in borders:
+        if 0 < b < 48:
+            near[max(0, b - 1):b + 1] = True
+    return float(err[near].mean() / err[~near].mean())
+
+
+def seams() -> None:
+    """``python -m scripts.bench seams``: the seam table behind the sampling window settings in docs/README.md."""
+    print("border/interior error of a windowed latent noise prediction (tiny networks)")
+    print(f"{'overlap':>8} {'halo 0':>7} {'halo 4':>7} {'halo 8':>7}")
+    for overlap in (0.25, 0.5):
+        print(f"{overlap:>8} " + " ".join(f"{seam_ratio(overlap, h):7.2f}" for h in (0, 4, 8)))
+
+
 def main() -> None:
     ctx = mp.get_context("spawn")
     print(f"volume {SHAPE}, spacing {SPACING} mm; {platform.processor() or platform.machine()}, "
@@ -131,4 +178,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    seams() if sys.argv[1:] == ["seams"] else main()

@@ -117,7 +117,7 @@ def enhance_volume(
     the same condition instead of the latent ControlNet.
     """
     device = torch.device(device)
-    sw = {"roi_size": [96, 96, 64], "overlap": 0.25, **(sliding_window or {})}
+    sw = {"roi_size": [96, 96, 64], "overlap": 0.25, "sampling_overlap": 0.5, **(sliding_window or {})}
     if method not in ("diffusion", "regression"):
         raise ValueError(f"method must be 'diffusion' or 'regression', got {method!r}")
     modality = (modality or str(image.meta.get("modality", "")).lower() or "ct").lower()
@@ -143,7 +143,7 @@ def enhance_volume(
     for k in range(max(1, int(num_samples))):
         gen = torch.Generator().manual_seed(int(seed) + k)
         z = sample_latent(networks["diffusion"].eval(), networks["controlnet"].eval(), networks["scheduler"], padded,
-                          ae.latent_channels, f, num_inference_steps, gen, latent_roi, sw["overlap"],
+                          ae.latent_channels, f, num_inference_steps, gen, latent_roi, sw["sampling_overlap"],
                           progress=progress)
         decoded = decode_volume(ae, z / networks["scale_factor"], latent_roi, sw["overlap"], progress=progress)
         samples.append(physical_range(denormalize(decoded[crop][0].float().cpu(), params), image, modality))
