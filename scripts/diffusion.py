@@ -66,3 +66,14 @@ def controlnet_from_prior(controlnet: torch.nn.Module, diffusion: torch.nn.Modul
     output convolutions make it a no-op at first."""
     controlnet.load_state_dict(diffusion.state_dict(), strict=False)
     return controlnet
+
+
+class ReseedHandler:
+    """Reset a random transform's state when an evaluator starts, so every validation sees the same random
+    crops and degradations."""
+
+    def __init__(self, transform, seed: int = 0) -> None:
+        self.transform, self.seed = transform, seed
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.transform.set_random_state(self.seed))

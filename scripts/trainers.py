@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-from monai.engines import IterationEvents, Trainer
+from monai.engines import Evaluator, IterationEvents, Trainer
 from monai.inferers import ControlNetDiffusionInferer
 from monai.engines.utils import default_prepare_batch
 from monai.losses import PatchAdversarialLoss
@@ -196,13 +196,9 @@ class ControlNetTrainer(Trainer):
         self.scaler = torch.amp.GradScaler("cuda") if amp else None
 
     def _iteration(self, engine: ControlNetTrainer, batchdata: dict) -> dict:  # type: ignore[override]
-        device = engine.state.device
-        images = batchdata["image"].to(device, non_blocking=engine.non_blocking)
-        condition = batchdata[self.condition_key].to(device, non_blocking=engine.non_blocking)
-        with torch.no_grad(), torch.autocast("cuda", enabled=self.amp):
-            latents = self.autoencoder.encode(images)[0].float() * self.scale_factor
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.scheduler.num_train_timesteps, (latents.shape[0],), device=device)
+        images, noise, timesteps, latents, condition = controlnet_inputs(
+            batchdata, engine.state.device, self.autoencoder, self.scheduler, self.scale_factor, self.condition_key,
+            self.amp)
         self.controlnet.train()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", enabled=self.amp):
@@ -216,5 +212,52 @@ class ControlNetTrainer(Trainer):
             loss.backward()
             self.optimizer.step()
         engine.state.output = {Keys.IMAGE: images, Keys.PRED: pred.detach(), Keys.LOSS: loss.detach()}
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+@torch.no_grad()
+def controlnet_inputs(batchdata: dict, device: torch.device, autoencoder: torch.nn.Module, scheduler: Scheduler,
+                      scale_factor: float, condition_key: str = "condition", amp: bool = False,
+                      generator: torch.Generator | None = None, timestep: int | None = None) -> tuple:
+    """Clean images, noise, timesteps, scaled latents and condition for one ControlNet step; with ``generator``
+    and ``timestep`` the draw is fixed (validation)."""
+    images = batchdata["image"].to(device)
+    condition = batchdata[condition_key].to(device)
+    with torch.autocast("cuda", enabled=amp):
+        latents = autoencoder.encode(images)[0].float() * scale_factor
+    noise = torch.randn(latents.shape, generator=generator).to(latents) if generator else torch.randn_like(latents)
+    if timestep is None:
+        timesteps = torch.randint(0, scheduler.num_train_timesteps, (latents.shape[0],), device=device)
+    else:
+        timesteps = torch.full((latents.shape[0],), timestep, dtype=torch.long, device=device)
+    return images, noise, timesteps, latents, condition
+
+
+class ControlNetEvaluator(Evaluator):
+    """Validation of the ControlNet: noise-prediction error on validation pairs with fixed noise (seeded per
+    run) and a fixed timestep, so epochs are comparable. Outputs ``pred`` and ``label`` (the noise)."""
+
+    def __init__(self, device: torch.device | str, val_data_loader: Iterable, controlnet: torch.nn.Module,
+                 diffusion: torch.nn.Module, autoencoder: torch.nn.Module, scheduler: Scheduler, scale_factor: float,
+                 key_val_metric: dict | None = None, val_handlers: Sequence | None = None,
+                 condition_key: str = "condition", timestep: int | None = None, seed: int = 0) -> None:
+        super().__init__(device=device, val_data_loader=val_data_loader, key_val_metric=key_val_metric,
+                         metric_cmp_fn=lambda current, best: current < best, val_handlers=val_handlers)
+        self.controlnet, self.diffusion, self.autoencoder = controlnet, diffusion, autoencoder
+        self.scheduler, self.scale_factor, self.condition_key = scheduler, float(scale_factor), condition_key
+        self.timestep = scheduler.num_train_timesteps // 2 if timestep is None else timestep
+        self.seed = seed
+        self.inferer = ControlNetDiffusionInferer(scheduler)
+
+    def _iteration(self, engine: ControlNetEvaluator, batchdata: dict) -> dict:  # type: ignore[override]
+        gen = torch.Generator().manual_seed(self.seed + engine.state.iteration)
+        images, noise, timesteps, latents, condition = controlnet_inputs(
+            batchdata, engine.state.device, self.autoencoder, self.scheduler, self.scale_factor, self.condition_key,
+            generator=gen, timestep=self.timestep)
+        self.controlnet.eval()
+        with torch.no_grad():
+            pred = self.inferer(latents, self.diffusion, self.controlnet, noise, timesteps, cn_cond=condition)
+        engine.state.output = {Keys.IMAGE: images, Keys.PRED: pred.float(), Keys.LABEL: noise}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
