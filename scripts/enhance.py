@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from scripts.autoencoder import decode_volume, downsample_factor, pad_for, tiled_apply
 from scripts.baselines import resample
+from scripts.grid import apply_along_axis, axis_positions, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
 from scripts.volumes import load_volume, save_volume, spacing_of
 
@@ -109,12 +110,14 @@ def enhance_volume(
     device: str | torch.device = "cpu",
     progress: bool = True,
     method: str = "diffusion",
+    consistency: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, str]:
     """Enhance a loaded ``(1, X, Y, Z)`` MetaTensor; return the mean, the std map (``num_samples > 1``), the
     output affine and the modality used. Values are in the input's units.
 
     ``method='regression'`` runs the supervised peer (``networks['regression']``) with MONAI's sliding window on
-    the same condition instead of the latent ControlNet.
+    the same condition instead of the latent ControlNet. ``consistency=True`` ends with ``data_consistency``
+    against the input (super-resolution: the input's slices are box-profile slabs of the output grid).
     """
     device = torch.device(device)
     sw = {"roi_size": [96, 96, 64], "overlap": 0.25, "sampling_overlap": 0.5, **(sliding_window or {})}
@@ -146,7 +149,10 @@ def enhance_volume(
                           ae.latent_channels, f, num_inference_steps, gen, latent_roi, sw["sampling_overlap"],
                           progress=progress)
         decoded = decode_volume(ae, z / networks["scale_factor"], latent_roi, sw["overlap"], progress=progress)
-        samples.append(physical_range(denormalize(decoded[crop][0].float().cpu(), params), image, modality))
+        out = denormalize(decoded[crop][0].float().cpu(), params)
+        if consistency:
+            out = data_consistency(out, image.as_tensor()[0].float())
+        samples.append(physical_range(out, image, modality))
     stack = torch.stack(samples)
     std = stack.std(0) if len(samples) > 1 else None
     return stack.mean(0), std, affine, modality
@@ -158,6 +164,30 @@ def physical_range(values: torch.Tensor, image: torch.Tensor, modality: str) -> 
     if modality == "ct":
         return values.clamp(-1024.0, max(3071.0, float(image.max())))
     return values.clamp(min=0.0)
+
+
+def slab_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``(n_in, n_out)`` matrix that averages an output grid back onto the input grid along one axis: input voxel
+    ``k`` is the box-profile mean of the output voxels it covers (the FOV convention of ``scripts.grid``)."""
+    factor = n_out / n_in
+    return profile_matrix(n_out, axis_positions(n_in, factor, 0.5 * factor - 0.5), factor, "box")
+
+
+def data_consistency(output: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """Project ``output`` onto the volumes whose box-profile average on the input grid equals ``observed``:
+    ``x + A^+ (y - A x)`` with the separable slab operator ``A`` of each resampled axis, so re-degrading the
+    result gives the input back exactly. Axes on the same grid are left alone."""
+    mats = [None if o == i else slab_matrix(i, o) for i, o in zip(observed.shape[-3:], output.shape[-3:])]
+    residual = observed.double()
+    projected = output.double()
+    for axis, m in enumerate(mats):
+        if m is not None:
+            projected = apply_along_axis(projected, m, projected.ndim - 3 + axis)
+    residual = residual - projected
+    for axis, m in enumerate(mats):
+        if m is not None:
+            residual = apply_along_axis(residual, np.linalg.pinv(m), residual.ndim - 3 + axis)
+    return (output.double() + residual).to(output.dtype)
 
 
 def _output_dtype(modality: str) -> str:
@@ -177,6 +207,7 @@ def enhance(
     device: str | torch.device = "cpu",
     series_uid: str | None = None,
     method: str = "diffusion",
+    consistency: bool = False,
 ) -> dict:
     """Enhance one file or DICOM series into ``output_image`` (NIfTI, atomic), plus ``*_std.nii.gz`` when
     ``num_samples > 1``. The input is only read; after a failure no output is left."""
@@ -187,7 +218,8 @@ def enhance(
         torch.cuda.reset_peak_memory_stats()
     image = load_volume(input_image, series_uid=series_uid)
     mean, std, affine, modality = enhance_volume(image, networks, target_spacing, modality, num_inference_steps,
-                                                 seed, num_samples, sliding_window, device, method=method)
+                                                 seed, num_samples, sliding_window, device, method=method,
+                                                 consistency=consistency)
     save_volume(mean, affine, output_image, dtype=_output_dtype(modality))
     outputs = {"output": str(output_image)}
     if std is not None:
