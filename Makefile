@@ -22,7 +22,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
-	$(PY) -m scripts.bench
+	$(PY) -m scripts.bench all
+	$(PY) -m scripts.bench enhance
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -18,9 +18,9 @@ SHAPE = (256, 256, 128)
 SPACING = (0.8, 0.8, 2.5)
 
 
-def _volume() -> torch.Tensor:
+def _volume(shape: tuple[int, int, int] = SHAPE) -> torch.Tensor:
     """A smooth synthetic CT-like volume in HU: a water ellipse with a few denser structures."""
-    x, y, z = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+    x, y, z = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in shape], indexing="ij")
     body = ((x / 0.9) ** 2 + (y / 0.7) ** 2 < 1).float()
     rods = sum(((x - a) ** 2 + (y - b) ** 2 < 0.01).float() for a, b in ((0.3, 0.1), (-0.4, -0.2), (0.0, 0.4)))
     return -1000 + 1000 * body + 600 * rods + 30 * torch.sin(6 * z)
@@ -162,6 +162,60 @@ def seams() -> None:
         print(f"{overlap:>8} " + " ".join(f"{seam_ratio(overlap, h):7.2f}" for h in (0, 4, 8)))
 
 
+def enhance_bench(steps: int = 1, config: str = "common", shape: tuple[int, int, int] = SHAPE) -> None:
+    """``python -m scripts.bench enhance``: seconds and peak memory of the main job on a ``shape`` volume with the
+    networks of ``configs/<config>.json`` (random weights: speed and memory do not depend on them), ``steps`` DDIM
+    steps and the configured windows, 5 mm -> 2.5 mm through-plane; then the classical baselines, same run."""
+    import json
+
+    from monai.bundle import ConfigParser
+
+    from scripts.baselines import resample
+    from scripts.enhance import enhance_volume
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with open("configs/common.json") as f:
+        cfg = json.load(f)
+    if config != "common":
+        with open(f"configs/{config}.json") as f:
+            cfg.update(json.load(f))
+    parser = ConfigParser(cfg)
+    torch.manual_seed(0)
+    networks = {name: parser.get_parsed_content(f"{name}_def").to(device).eval()
+                for name in ("autoencoder", "diffusion", "controlnet")}
+    networks.update(scheduler=parser.get_parsed_content("inference_scheduler_def"), scale_factor=1.0)
+    from monai.data import MetaTensor
+
+    thick = _volume(tuple(shape))[:, :, ::2][None]
+    affine = np.diag([SPACING[0], SPACING[1], 2 * SPACING[2], 1.0])
+    image = MetaTensor(thick, affine=torch.as_tensor(affine))
+    target = list(SPACING)
+    sw = cfg["sliding_window"]
+    print(f"main job: {tuple(thick.shape[1:])} at {affine.diagonal()[:3].tolist()} mm -> {target} mm; {config} "
+          f"networks, {steps} DDIM step(s), windows {sw}; device {device}")
+
+    def timed(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
+        else:
+            peak = f"{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20:.2f} GiB RSS growth"
+        return time.perf_counter() - t0, peak
+
+    seconds, peak = timed(lambda: enhance_volume(image, networks, target, "ct", steps, sliding_window=sw,
+                                                 device=device, progress=False))
+    print(f"{'latent diffusion + ControlNet':<32} {seconds:9.2f} s  {peak}")
+    for method in ("trilinear", "bspline"):
+        seconds, peak = timed(lambda: resample(thick[0], affine, target, method))
+        print(f"{'classical ' + method:<32} {seconds:9.2f} s  {peak}")
+
+
 def main() -> None:
     ctx = mp.get_context("spawn")
     print(f"volume {SHAPE}, spacing {SPACING} mm; {platform.processor() or platform.machine()}, "
@@ -178,6 +232,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import sys
+    import fire
 
-    seams() if sys.argv[1:] == ["seams"] else main()
+    fire.Fire({"all": main, "seams": seams, "enhance": enhance_bench})
