@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from scripts.metrics import MR_PERCENTILE
+
 CT_OFFSET, CT_SCALE = -1000.0, 2000.0
-MR_PERCENTILE = 99.5
 
 
 def intensity_params(img: torch.Tensor, modality: str) -> dict:
@@ -63,18 +63,6 @@ class NormalizeIntensityd(MapTransform):
             d[key] = normalize(d[key], params)
             d[f"{key}_intensity"] = dict(params)
         return d
-
-
-def to_original_units(batch_values: torch.Tensor, params: dict | list[dict]) -> torch.Tensor:
-    """Denormalise a batch ``(B, ...)`` with per-item parameters (as collated by a DataLoader or as a list)."""
-    if isinstance(params, dict):  # collated: each field is a list or tensor over the batch
-        offsets = torch.as_tensor(np.asarray(params["offset"], dtype=np.float64)).reshape(-1)
-        scales = torch.as_tensor(np.asarray(params["scale"], dtype=np.float64)).reshape(-1)
-    else:
-        offsets = torch.tensor([p["offset"] for p in params], dtype=torch.float64)
-        scales = torch.tensor([p["scale"] for p in params], dtype=torch.float64)
-    shape = (-1,) + (1,) * (batch_values.ndim - 1)
-    return batch_values * scales.reshape(shape).to(batch_values) + offsets.reshape(shape).to(batch_values)
 
 
 class ToOriginalUnitsd(MapTransform):

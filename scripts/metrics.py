@@ -83,7 +83,8 @@ def mae(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, mask: n
 
 def body_mask(ref_hu: np.ndarray | torch.Tensor, threshold: float = BODY_THRESHOLD_HU) -> np.ndarray:
     """Body (CT) or head (MR) mask: voxels above ``threshold``, holes filled per axial slice, largest component."""
-    v = np.asarray(_t(ref_hu)).reshape(_t(ref_hu).shape[-3:]) > threshold
+    ref = _t(ref_hu)
+    v = np.asarray(ref.reshape(ref.shape[-3:])) > threshold
     for k in range(v.shape[-1]):
         v[..., k] = ndimage.binary_fill_holes(v[..., k])
     labels, n = ndimage.label(v)
