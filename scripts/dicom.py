@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import datetime
+import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -160,50 +162,109 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> MetaTensor
     return MetaTensor(torch.as_tensor(data)[None], meta=meta)
 
 
+# Tags of the source slice that no longer describe a derived slice on a new grid.
+STALE_TAGS = ("SliceLocation", "SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingValue",
+              "SmallestPixelValueInSeries", "LargestPixelValueInSeries", "ReferencedImageSequence",
+              "SourceImageSequence", "WindowCenter", "WindowWidth", "NumberOfFrames", "PixelData",
+              "PlanarConfiguration", "LossyImageCompression")
+SOP_CLASS = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
+
+
+def series_template(folder: str | Path, series_uid: str | None = None) -> pydicom.Dataset:
+    """The header (no pixels) of the first slice of a series: its patient and study tags seed a derived series."""
+    headers = [(f, ds) for f, ds in _headers(Path(folder))
+               if series_uid is None or str(ds.get("SeriesInstanceUID", "")) == series_uid]
+    if not headers:
+        raise VolumeError(f"{folder}: no DICOM slice of series {series_uid or '(any)'} to copy tags from")
+    return headers[0][1]
+
+
+def new_template(modality: str) -> pydicom.Dataset:
+    """A minimal header for a volume that did not come from DICOM: new (anonymous) patient and study."""
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.Modality = modality.upper()
+    ds.SOPClassUID = SOP_CLASS.get(ds.Modality, SOP_CLASS["CT"])
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "ANONYMOUS", "ANONYMOUS", "", ""
+    ds.StudyInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid()
+    ds.StudyDate = datetime.date.today().strftime("%Y%m%d")
+    ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName, ds.SeriesNumber = "1", "", "", 1
+    return ds
+
+
+def _ds_number(x: float) -> float:
+    """A float that fits a DICOM DS element (16 characters) exactly as written."""
+    return float(f"{x:.8g}")
+
+
 def write_series(
     volume: np.ndarray | torch.Tensor,
     affine: np.ndarray,
     template: pydicom.Dataset,
     out_dir: str | Path,
     description: str = "derived",
+    integer_values: bool = True,
 ) -> list[Path]:
-    """Write a 3D volume (real units, RAS affine) as single-frame DICOM slices that copy ``template``'s
-    patient and study tags, with new series and instance UIDs and exact HU via RescaleSlope/Intercept."""
+    """Write a 3D volume (real units, RAS affine) as single-frame DICOM slices into a new folder ``out_dir``.
+
+    Patient, study and frame-of-reference tags come from ``template``; series and instance UIDs are new,
+    ImageType is DERIVED\\SECONDARY, and position, orientation, PixelSpacing and SliceThickness follow the new
+    grid. With ``integer_values`` (CT in HU) values are rounded and RescaleSlope/Intercept hold them exactly;
+    otherwise the slope spreads the range over 16 bits. The folder appears only once every slice is written.
+    """
     vol = np.asarray(volume.detach().cpu() if isinstance(volume, torch.Tensor) else volume, dtype=np.float64)
     vol = vol.reshape(vol.shape[-3:])
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: the DICOM output folder exists and is not empty")
     lps = np.linalg.inv(LPS_TO_RAS) @ np.asarray(affine, dtype=np.float64)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     dirs = lps[:3, :3] / spacing
-    lo = float(np.floor(vol.min()))
-    slope = max(1.0, float(np.ceil((vol.max() - lo) / 65535)))
+    if integer_values:
+        vol = np.rint(vol)
+    lo = _ds_number(float(vol.min()))
+    span = float(vol.max()) - lo
+    slope = max(1.0, float(np.ceil(span / 65535))) if integer_values else _ds_number(max(span, 1e-6) / 65000)
     series_uid = generate_uid()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(vol.shape[2]):
-        ds = copy.deepcopy(template)
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-        ds.ImageType = ["DERIVED", "SECONDARY"]
-        ds.SeriesDescription = description
-        ds.SeriesDate = datetime.date.today().strftime("%Y%m%d")
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [float(v) for v in (lps[:3, 3] + lps[:3, 2] * k)]
-        ds.ImageOrientationPatient = [float(v) for v in np.concatenate([dirs[:, 0], dirs[:, 1]])]
-        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]
-        ds.SliceThickness = float(spacing[2])
-        ds.Rows, ds.Columns = vol.shape[1], vol.shape[0]
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.RescaleSlope, ds.RescaleIntercept = slope, lo
-        stored = np.rint((vol[:, :, k].T - lo) / slope).clip(0, 65535).astype(np.uint16)
-        ds.PixelData = stored.tobytes()
-        path = out_dir / f"slice_{k:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    base = copy.deepcopy(template)
+    for tag in STALE_TAGS:
+        if tag in base:
+            del base[tag]
+    base.file_meta = copy.deepcopy(getattr(template, "file_meta", pydicom.dataset.FileMetaDataset()))
+    base.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    base.file_meta.MediaStorageSOPClassUID = base.SOPClassUID
+    base.SeriesInstanceUID = series_uid
+    base.ImageType = ["DERIVED", "SECONDARY"]
+    base.SeriesDescription = description
+    base.DerivationDescription = description
+    base.SeriesDate = datetime.date.today().strftime("%Y%m%d")
+    base.ImageOrientationPatient = [_ds_number(v) for v in np.concatenate([dirs[:, 0], dirs[:, 1]])]
+    base.PixelSpacing = [_ds_number(spacing[1]), _ds_number(spacing[0])]
+    base.SliceThickness = _ds_number(spacing[2])
+    base.SpacingBetweenSlices = _ds_number(spacing[2])
+    base.Rows, base.Columns = vol.shape[1], vol.shape[0]
+    base.BitsAllocated, base.BitsStored, base.HighBit, base.PixelRepresentation = 16, 16, 15, 0
+    base.SamplesPerPixel, base.PhotometricInterpretation = 1, "MONOCHROME2"
+    base.RescaleSlope, base.RescaleIntercept = slope, lo
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for k in range(vol.shape[2]):
+            ds = copy.deepcopy(base)
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.InstanceNumber = k + 1
+            ds.ImagePositionPatient = [_ds_number(v) for v in (lps[:3, 3] + lps[:3, 2] * k)]
+            stored = np.rint((vol[:, :, k].T - lo) / slope).clip(0, 65535).astype(np.uint16)
+            ds.add_new(0x7FE00010, "OW", stored.tobytes())
+            ds.save_as(tmp / f"slice_{k:04d}.dcm", enforce_file_format=True)
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sorted(out_dir.iterdir())
 
 
 def convert(dicom_dir: str, output: str, series_uid: str | None = None, dtype: str = "float32") -> str:

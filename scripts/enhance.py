@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,11 +25,13 @@ from tqdm import tqdm
 
 from scripts.autoencoder import decode_volume, downsample_factor, pad_for, tiled_apply
 from scripts.baselines import resample
+from scripts.dicom import new_template, series_template, write_series
 from scripts.grid import apply_along_axis, axis_positions, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
 from scripts.volumes import load_volume, save_volume, spacing_of
 
 logger = logging.getLogger(__name__)
+DICOM_DESCRIPTION = "enhanced by latent diffusion (research use only)"
 
 
 def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
@@ -208,11 +211,16 @@ def enhance(
     series_uid: str | None = None,
     method: str = "diffusion",
     consistency: bool = False,
+    output_dicom: str = "",
 ) -> dict:
     """Enhance one file or DICOM series into ``output_image`` (NIfTI, atomic), plus ``*_std.nii.gz`` when
-    ``num_samples > 1``. The input is only read; after a failure no output is left."""
+    ``num_samples > 1`` and a derived DICOM series in the folder ``output_dicom`` when given (patient and study
+    tags from the input series, or a new anonymous study for a file input). The input is only read; after a
+    failure no output is left."""
     if not str(output_image).endswith((".nii", ".nii.gz")):
         raise ValueError(f"{output_image}: the output must be a NIfTI file (.nii.gz or .nii)")
+    if output_dicom and Path(output_dicom).exists() and any(Path(output_dicom).iterdir()):
+        raise FileExistsError(f"{output_dicom}: the DICOM output folder exists and is not empty")
     t0 = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -220,12 +228,27 @@ def enhance(
     mean, std, affine, modality = enhance_volume(image, networks, target_spacing, modality, num_inference_steps,
                                                  seed, num_samples, sliding_window, device, method=method,
                                                  consistency=consistency)
-    save_volume(mean, affine, output_image, dtype=_output_dtype(modality))
-    outputs = {"output": str(output_image)}
-    if std is not None:
-        std_path = str(output_image).removesuffix(".gz").removesuffix(".nii") + "_std.nii.gz"
-        save_volume(std, affine, std_path, dtype="float32")
-        outputs["std"] = std_path
+    outputs = {}
+    try:
+        if output_dicom:
+            template = (series_template(input_image, series_uid) if Path(input_image).is_dir()
+                        else new_template(modality))
+            write_series(mean, affine, template, output_dicom, description=DICOM_DESCRIPTION,
+                         integer_values=modality == "ct")
+            outputs["dicom"] = str(output_dicom)
+        save_volume(mean, affine, output_image, dtype=_output_dtype(modality))
+        outputs["output"] = str(output_image)
+        if std is not None:
+            std_path = str(output_image).removesuffix(".gz").removesuffix(".nii") + "_std.nii.gz"
+            save_volume(std, affine, std_path, dtype="float32")
+            outputs["std"] = std_path
+    except BaseException:
+        for key, path in outputs.items():
+            if key == "dicom":
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                Path(path).unlink(missing_ok=True)
+        raise
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
@@ -251,13 +274,19 @@ def enhance_datalist(
     out.mkdir(parents=True, exist_ok=True)
     new = {k: v for k, v in src.items() if k not in keys}
     new["dataroot"] = str(out.resolve())
+    used: set[str] = set()
     for key in keys:
         if not src.get(key):
             continue
         entries = read_datalist(datalist, key)
         new[key] = []
         for original, item in zip(src[key], entries):
-            name = Path(str(item["image"]).rstrip("/")).name.split(".")[0] + "_enhanced.nii.gz"
+            stem = Path(str(item["image"]).rstrip("/")).name.split(".")[0]
+            name, k = f"{stem}_enhanced.nii.gz", 0
+            while name in used:  # same file name in another folder
+                k += 1
+                name = f"{stem}_{k}_enhanced.nii.gz"
+            used.add(name)
             enhance(item["image"], str(out / name), networks, **kwargs)
             entry = dict(original)
             entry["image"] = name
@@ -274,6 +303,8 @@ def run(input_image: str = "", output_image: str = "", datalist: str = "", outpu
     if datalist:
         if not output_dir:
             raise ValueError("batch mode needs --output_dir")
+        if kwargs.pop("output_dicom", ""):
+            raise ValueError("--output_dicom writes one series; it does not apply to batch mode")
         return enhance_datalist(datalist, output_dir, **kwargs)
     if not input_image or not output_image:
         raise ValueError("give --input_image and --output_image (or --datalist and --output_dir)")

@@ -97,16 +97,75 @@ def test_denoising_keeps_the_grid_and_writes_uncertainty(crops, weights, tmp_pat
     assert std.shape == ref.shape and float(np.asarray(std.dataobj).max()) > 0
 
 
-def test_batch_mode_writes_the_matching_datalist(crops, weights, tmp_path):
-    dl = {"dataroot": str(crops), "training": [{"image": "a.nii.gz", "label": "b.nii.gz", "fold": 1}],
-          "testing": [{"image": "c.nii.gz"}]}
+def test_batch_mode_output_feeds_auto3dseg(crops, weights, tmp_path):
+    """Batch mode keeps entries, folds and labels and points images at the enhanced volumes; Auto3DSeg's
+    DataAnalyzer accepts the datalist it writes (images and labels on the same grid)."""
+    from monai.apps.auto3dseg import DataAnalyzer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b"):
+        img = nib.load(crops / f"{name}.nii.gz")
+        nib.save(img, data / f"{name}.nii.gz")
+        body = (np.asarray(img.dataobj) > -300).astype(np.uint8)
+        nib.save(nib.Nifti1Image(body, img.affine), data / f"{name}_label.nii.gz")
+    (data / "sub").mkdir()
+    shutil.copy(crops / "c.nii.gz", data / "sub" / "a.nii.gz")  # same file name in another folder
+    dl = {"name": "chest", "dataroot": str(data),
+          "training": [{"image": "a.nii.gz", "label": "a_label.nii.gz", "fold": 0},
+                       {"image": "b.nii.gz", "label": "b_label.nii.gz", "fold": 1}],
+          "testing": [{"image": "sub/a.nii.gz"}]}
     (tmp_path / "dl.json").write_text(json.dumps(dl))
     target = run(datalist=str(tmp_path / "dl.json"), output_dir=str(tmp_path / "out"), networks=networks(weights),
                  num_inference_steps=1, sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25})
     new = json.loads(Path(target).read_text())
-    assert new["training"] == [{"image": "a_enhanced.nii.gz", "label": str(crops / "b.nii.gz"), "fold": 1}]
-    assert new["testing"] == [{"image": "c_enhanced.nii.gz"}]
-    assert (Path(new["dataroot"]) / "c_enhanced.nii.gz").is_file()
+    assert new["name"] == "chest" and Path(new["dataroot"]) == tmp_path / "out"
+    assert new["training"] == [
+        {"image": "a_enhanced.nii.gz", "label": str(data / "a_label.nii.gz"), "fold": 0},
+        {"image": "b_enhanced.nii.gz", "label": str(data / "b_label.nii.gz"), "fold": 1}]
+    assert new["testing"] == [{"image": "a_1_enhanced.nii.gz"}]  # no clash with training's a.nii.gz
+    for entry in new["training"] + new["testing"]:
+        assert (tmp_path / "out" / entry["image"]).is_file()
+    stats = DataAnalyzer(target, new["dataroot"], output_path=str(tmp_path / "stats.yaml"), device="cpu",
+                         worker=0, label_key="label").get_all_case_stats()
+    cases = stats["stats_by_cases"]
+    assert len(cases) == 2
+    assert all(c["image_stats"]["shape"][0] == [64, 64, 16] for c in cases)
+
+
+def test_dicom_series_in_dicom_series_out(crops, weights, tmp_path):
+    """A DICOM input enhanced onto a finer grid comes back as a derived series that reads back to the NIfTI
+    output's volume and affine, with the source's patient and study, new UIDs and exact HU."""
+    import pydicom
+
+    from scripts.dicom import new_template, read_series, write_series
+
+    src_img = nib.load(crops / "c.nii.gz")
+    template = new_template("CT")
+    template.PatientName, template.PatientID = "Test^Patient", "P123"
+    write_series(np.asarray(src_img.dataobj), src_img.affine, template, tmp_path / "in")
+    before = {p.name: sha(p) for p in (tmp_path / "in").iterdir()}
+    out, dcm_out = tmp_path / "sr.nii.gz", tmp_path / "sr_dicom"
+    run(str(tmp_path / "in"), str(out), networks=networks(weights), target_spacing=[1.1406, 1.1406, 2.5],
+        num_inference_steps=1, sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25},
+        output_dicom=str(dcm_out))
+    assert {p.name: sha(p) for p in (tmp_path / "in").iterdir()} == before
+    nifti, back = nib.load(out), read_series(dcm_out)
+    np.testing.assert_array_equal(back[0].numpy(), np.asarray(nifti.dataobj).astype(np.float32))
+    np.testing.assert_allclose(np.asarray(back.affine), nifti.affine, atol=1e-4)
+    files = sorted(dcm_out.iterdir())
+    assert len(files) == 32
+    ds, source = pydicom.dcmread(files[0]), pydicom.dcmread(next((tmp_path / "in").iterdir()))
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    assert (ds.PatientName, ds.PatientID, ds.StudyInstanceUID) == ("Test^Patient", "P123", source.StudyInstanceUID)
+    assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+    assert len({pydicom.dcmread(f).SOPInstanceUID for f in files}) == 32
+    assert float(ds.SliceThickness) == pytest.approx(2.5) and float(ds.RescaleSlope) == 1.0
+    assert [float(v) for v in ds.PixelSpacing] == pytest.approx([1.1406, 1.1406], abs=1e-3)
+    with pytest.raises(FileExistsError, match="not empty"):  # never overwrites a series
+        run(str(tmp_path / "in"), str(tmp_path / "again.nii.gz"), networks=networks(weights), num_inference_steps=1,
+            sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25}, output_dicom=str(dcm_out))
+    assert not (tmp_path / "again.nii.gz").exists()
 
 
 def bundle(*args: str) -> subprocess.CompletedProcess:
