@@ -70,18 +70,71 @@ def test_metadata_follows_the_bundle_schema():
     verify_metadata(meta_file=str(ROOT / "configs" / "metadata.json"), filepath=str(schema))
 
 
-def test_autoencoder_data_format_matches_the_network():
-    """``verify_net_in_out`` does not apply (AutoencoderKL returns a tuple), so the entry is checked here."""
+META = ROOT / "configs" / "metadata.json"
+COMMON = ROOT / "configs" / "common.json"
+
+
+def data_format(name: str) -> dict:
+    return json.loads(META.read_text())[f"{name}_data_format"]
+
+
+def spatial(spec: dict, n: int) -> tuple:
+    """A metadata spatial_shape such as ["4*n", "n"] evaluated for ``n``."""
+    return tuple(int(d.split("*")[0]) * n if "*" in d else n for d in spec["spatial_shape"])
+
+
+def check_tensor(t, spec: dict, n: int) -> None:
+    import torch
+
+    assert t.shape[1:] == (spec["num_channels"], *spatial(spec, n)) and t.dtype == getattr(torch, spec["dtype"])
+
+
+@pytest.mark.parametrize("name,net_id", [("network", "network_def"), ("regression", "regression_def")])
+def test_data_format_passes_verify_net_in_out(name, net_id):
+    """MONAI's own check for the networks with one tensor out: the diffusion UNet (network_def, with its
+    timesteps argument) and the regression peer; a wrong channel count in the entry makes it fail."""
+    import torch
+    from monai.bundle import verify_net_in_out
+
+    spec = data_format(name)
+    extra = {"timesteps": torch.tensor([500])} if "timesteps" in spec["inputs"] else {}
+    args = dict(net_id=net_id, meta_file=str(META), config_file=str(COMMON), device="cpu", n=2,
+                extra_forward_args=extra)
+    verify_net_in_out(**args, **{"_meta_#network_data_format": spec})
+    spec["outputs"]["pred"]["num_channels"] += 1
+    with pytest.raises(ValueError, match="channel"):
+        verify_net_in_out(**args, **{"_meta_#network_data_format": spec})
+
+
+def test_autoencoder_and_controlnet_data_formats_match_the_networks():
+    """``verify_net_in_out`` does not apply (AutoencoderKL and ControlNet return tuples), so every input and
+    output of their entries is checked here against the networks built from common.json."""
     import torch
     from monai.bundle import ConfigParser
 
-    meta = json.loads((ROOT / "configs" / "metadata.json").read_text())["autoencoder_data_format"]
-    common = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text()))
-    ae = common.get_parsed_content("autoencoder_def").eval()
-    factor = 2 ** (len(common["autoencoder_def"]["channels"]) - 1)
-    assert meta["inputs"]["image"]["spatial_shape"] == [f"{factor}*n"] * 3
-    x = torch.rand(1, meta["inputs"]["image"]["num_channels"], *[factor * 4] * 3)
+    common = ConfigParser(json.loads(COMMON.read_text()))
+    n = 2
+    ae_spec = data_format("autoencoder")
+    x = torch.rand(1, ae_spec["inputs"]["image"]["num_channels"], *spatial(ae_spec["inputs"]["image"], n))
     with torch.no_grad():
-        recon, z_mu, z_sigma = ae(x)
-    assert recon.shape == x.shape and str(recon.dtype) == "torch." + meta["outputs"]["pred"]["dtype"]
-    assert z_mu.shape == (1, common["autoencoder_def"]["latent_channels"], 4, 4, 4) and z_sigma.shape == z_mu.shape
+        outputs = common.get_parsed_content("autoencoder_def").eval()(x)
+    assert list(ae_spec["outputs"]) == ["reconstruction", "z_mu", "z_sigma"] and len(outputs) == 3
+    for out, spec in zip(outputs, ae_spec["outputs"].values()):
+        check_tensor(out, spec, n)
+
+    cn_spec = data_format("controlnet")["inputs"]
+    assert list(cn_spec) == ["image", "timesteps", "controlnet_cond", "conditioning_scale"]
+    latent = torch.rand(1, cn_spec["image"]["num_channels"], *spatial(cn_spec["image"], n))
+    cond = torch.rand(1, cn_spec["controlnet_cond"]["num_channels"], *spatial(cn_spec["controlnet_cond"], n))
+    with torch.no_grad():
+        down, mid = common.get_parsed_content("controlnet_def").eval()(
+            latent, torch.tensor([500]), cond, cn_spec["conditioning_scale"])
+    out_spec = data_format("controlnet")["outputs"]
+    assert isinstance(down, (tuple, list)) and out_spec["down_block_res_samples"]["type"] == "tuple"
+    check_tensor(down[0], out_spec["down_block_res_samples"], n)
+    check_tensor(mid, out_spec["mid_block_res_sample"], n)
+    # the residuals must fit the prior they steer
+    with torch.no_grad():
+        pred = common.get_parsed_content("diffusion_def").eval()(
+            latent, torch.tensor([500]), down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    check_tensor(pred, data_format("network")["outputs"]["pred"], n)
