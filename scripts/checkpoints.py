@@ -7,11 +7,12 @@ reference), so these handlers add the engine they are attached to.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from ignite.engine import Engine
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
 
 
 def latest_checkpoint(ckpt_dir: str | Path, prefix: str) -> Path | None:
@@ -49,16 +50,31 @@ class ResumeHandler:
 
 class TrainingCheckpointSaver:
     """Save ``save_dict`` plus the engine every ``save_interval`` epochs as ``<prefix>_checkpoint_epoch=N.pt``,
-    keeping the last ``n_saved``."""
+    keeping the last ``n_saved``, and at the end of training as ``<prefix>_checkpoint_final.pt``.
 
-    def __init__(self, save_dir: str, save_dict: dict, prefix: str, save_interval: int = 1, n_saved: int = 1) -> None:
+    When experiment tracking is on (``--tracking mlflow`` appends an ``MLFlowHandler`` to the trainer), the final
+    checkpoint and the existing files among ``artifacts`` (the stage's weights) are added to that handler's
+    artifacts, which it logs when training completes.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, prefix: str, save_interval: int = 1, n_saved: int = 1,
+                 artifacts: Sequence[str] = ()) -> None:
         self.save_dir, self.save_dict, self.prefix = save_dir, save_dict, prefix
-        self.save_interval, self.n_saved = save_interval, n_saved
+        self.save_interval, self.n_saved, self.artifacts = save_interval, n_saved, list(artifacts)
+        self.final = Path(save_dir) / f"{prefix}_checkpoint_final.pt"
 
     def attach(self, engine: Engine) -> None:
         CheckpointSaver(save_dir=self.save_dir, save_dict={**self.save_dict, "trainer": engine},
                         file_prefix=self.prefix, save_interval=self.save_interval, n_saved=self.n_saved,
-                        epoch_level=True).attach(engine)
+                        epoch_level=True, save_final=True, final_filename=self.final.name).attach(engine)
+        engine.add_event_handler(Events.COMPLETED, self.track_artifacts)
+
+    def track_artifacts(self, engine: Engine) -> None:
+        files = [str(f) for f in (self.final, *map(Path, self.artifacts)) if f.is_file()]
+        for handler, *_ in engine._event_handlers[Events.COMPLETED]:  # Ignite has no public listing
+            tracker = getattr(handler, "__self__", None)
+            if isinstance(tracker, MLFlowHandler):
+                tracker.artifacts = (*tracker.artifacts, *files)
 
 
 def load_weights(network: torch.nn.Module, path: str | Path, map_location: str | torch.device = "cpu"

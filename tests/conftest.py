@@ -66,6 +66,22 @@ def run_config(configs: list[str], stop_after_epoch: int | None = None, loss_key
     return trainer, losses, parser
 
 
+def tracking(store: Path) -> list[str]:
+    """Command-line options for MONAI's built-in MLflow tracking into a local store (SQLite: MONAI 1.6.1's
+    MLFlowHandler refuses MLflow's deprecated ``file:`` store)."""
+    return ["--tracking", "mlflow", "--tracking_uri", f"sqlite:///{store}"]
+
+
+def mlflow_record(store: Path):
+    """The single MLflow run in a local SQLite store, and the file names of its artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1, f"{len(runs)} MLflow runs in {store}"
+    return runs[0], {Path(a.path).name for a in client.list_artifacts(runs[0].info.run_id)}
+
+
 def torchrun(config_files: str, *args: str, nproc: int = 2):
     """``torchrun --nproc_per_node=nproc -m monai.bundle run training`` on the CPU (gloo), from the bundle root."""
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"

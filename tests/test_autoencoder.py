@@ -21,7 +21,7 @@ from scripts.autoencoder import (
     load_scale_factor,
     reconstruct_volume,
 )
-from tests.conftest import ROOT, SAMPLE, run_config, torchrun
+from tests.conftest import ROOT, SAMPLE, mlflow_record, run_config, torchrun, tracking
 
 CONFIGS = ["train_autoencoder.json", "tiny.json"]
 
@@ -185,17 +185,15 @@ def test_prepare_latents_writes_latents_and_a_datalist(trained, crops, tmp_path)
     np.testing.assert_allclose(item["affine"].numpy() @ [0, 0, 0, 1], src @ [0.5, 0.5, 0.5, 1], atol=1e-5)
 
 
-def test_tracking_with_mlflow_records_parameters_and_metrics(crops, tmp_path):
-    from mlflow.tracking import MlflowClient
-
+def test_tracking_with_mlflow_records_parameters_metrics_and_the_final_checkpoint(crops, tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
            "['configs/train_autoencoder.json','configs/tiny.json']", "--datalist", str(crops / "datalist.json"),
            "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"), "--max_epochs", "1",
-           "--tracking", "mlflow"]
+           *tracking(tmp_path / "mlruns.db")]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlruns.db'}")
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    assert len(runs) == 1
-    assert {"train_loss", "val_psnr", "val_ssim", "val_mae"} <= set(runs[0].data.metrics)
-    assert runs[0].data.params["max_epochs"] == "1"
+    run, artifacts = mlflow_record(tmp_path / "mlruns.db")
+    assert {"train_loss", "val_psnr", "val_ssim", "val_mae"} <= set(run.data.metrics)
+    assert run.data.params["max_epochs"] == "1"
+    assert {"autoencoder_checkpoint_final.pt", "autoencoder.pt"} <= artifacts
+    assert list((tmp_path / "out").glob("events.out.tfevents.*"))  # TensorBoard by default

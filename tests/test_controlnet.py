@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from tests.conftest import ROOT, torchrun
+from tests.conftest import ROOT, mlflow_record, torchrun, tracking
 
 CONFIGS = ["configs/train_controlnet.json", "configs/tiny.json"]
 
@@ -72,11 +72,15 @@ def test_controlnet_needs_the_earlier_stages(crops, tmp_path):
     assert "diffusion.pt: no weights" in _messages(err.value)
 
 
-def test_controlnet_two_process_ddp(crops, frozen, tmp_path):
+def test_controlnet_two_process_ddp_with_mlflow(crops, frozen, tmp_path):
+    """Two processes (gloo); rank 0 alone records parameters, metrics and the final checkpoint in MLflow."""
     shutil.copytree(frozen, tmp_path / "ckpt")
     files = "['configs/train_controlnet.json','configs/multi_gpu_train_controlnet.json','configs/tiny.json']"
     res = torchrun(files, "--datalist", str(crops / "datalist.json"), "--ckpt_dir", str(tmp_path / "ckpt"),
-                   "--output_dir", str(tmp_path / "tb"), "--max_epochs", "1")
+                   "--output_dir", str(tmp_path / "tb"), "--max_epochs", "1", *tracking(tmp_path / "mlruns.db"))
     assert res.returncode == 0, res.stderr[-3000:]
+    run, artifacts = mlflow_record(tmp_path / "mlruns.db")
+    assert {"train_loss", "val_noise_mse"} <= set(run.data.metrics) and run.data.params["max_epochs"] == "1"
+    assert {"controlnet_checkpoint_final.pt", "controlnet.pt"} <= artifacts
     saved = torch.load(tmp_path / "ckpt" / "controlnet.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in saved)

@@ -12,7 +12,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts.autoencoder import prepare_latents
-from tests.conftest import ROOT, run_config, torchrun
+from tests.conftest import ROOT, mlflow_record, run_config, torchrun, tracking
 from tests.test_autoencoder import _messages, tiny_autoencoder
 
 CONFIGS = ["train_diffusion.json", "tiny.json"]
@@ -69,12 +69,16 @@ def test_prior_needs_the_autoencoder_scale_factor(latents, tmp_path):
     assert "no latent scale factor" in _messages(err.value)
 
 
-def test_prior_two_process_ddp(latents, tmp_path):
+def test_prior_two_process_ddp_with_mlflow(latents, tmp_path):
+    """Two processes (gloo); rank 0 alone records parameters, metrics and the final checkpoint in MLflow."""
     shutil.copy(latents / "autoencoder_scale.json", tmp_path)
     files = "['configs/train_diffusion.json','configs/multi_gpu_train_diffusion.json','configs/tiny.json']"
     res = torchrun(files, "--datalist", str(latents / "datalist_latents.json"), "--ckpt_dir", str(tmp_path),
-                   "--output_dir", str(tmp_path / "tb"), "--max_epochs", "1")
+                   "--output_dir", str(tmp_path / "tb"), "--max_epochs", "1", *tracking(tmp_path / "mlruns.db"))
     assert res.returncode == 0, res.stderr[-3000:]
+    run, artifacts = mlflow_record(tmp_path / "mlruns.db")
+    assert {"train_loss", "val_noise_mse"} <= set(run.data.metrics) and run.data.params["max_epochs"] == "1"
+    assert {"diffusion_checkpoint_final.pt", "diffusion.pt"} <= artifacts
     state = torch.load(tmp_path / "diffusion_checkpoint_epoch=1.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 6
     assert not any(k.startswith("module.") for k in state["diffusion"])
