@@ -27,7 +27,9 @@ SCALE_FILE = "autoencoder_scale.json"
 
 
 def downsample_factor(autoencoder: AutoencoderKL) -> int:
-    """Spatial downsampling of the encoder: 2 per level after the first."""
+    """Spatial downsampling of the encoder: 2 per level after the first (or an exported one's ``downsample``)."""
+    if hasattr(autoencoder, "downsample"):
+        return int(autoencoder.downsample)
     return 2 ** (len(autoencoder.encoder.channels) - 1)
 
 

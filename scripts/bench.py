@@ -123,6 +123,7 @@ def seam_ratio(overlap: float, halo: int, seed: int = 0) -> float:
     from monai.bundle import ConfigParser
 
     from scripts.autoencoder import _starts, tiled_apply
+    from scripts.diffusion import ControlledDenoiser
     from scripts.enhance import depth_to_space, space_to_depth
 
     with open("configs/tiny.json") as f:
@@ -138,8 +139,7 @@ def seam_ratio(overlap: float, halo: int, seed: int = 0) -> float:
 
     def predict(window: torch.Tensor) -> torch.Tensor:
         zw, cw = window[:, :2], depth_to_space(window[:, 2:], 2)
-        down, mid = cnet(x=zw, timesteps=t, controlnet_cond=cw)
-        return unet(x=zw, timesteps=t, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        return ControlledDenoiser(unet, cnet)(zw, t, cw)
 
     joined = torch.cat([z, space_to_depth(cond, 2)], 1)
     with torch.no_grad():

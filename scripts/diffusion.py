@@ -77,3 +77,17 @@ class ReseedHandler:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda _: self.transform.set_random_state(self.seed))
+
+
+class ControlledDenoiser(torch.nn.Module):
+    """The noise prediction of the prior steered by the ControlNet, as one module of ``(latent, timesteps,
+    condition)``: what each sampling step calls, and what ``scripts.export`` traces."""
+
+    def __init__(self, diffusion: torch.nn.Module, controlnet: torch.nn.Module) -> None:
+        super().__init__()
+        self.diffusion, self.controlnet = diffusion, controlnet
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        down, mid = self.controlnet(x=x, timesteps=timesteps, controlnet_cond=condition)
+        return self.diffusion(x=x, timesteps=timesteps, down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid)

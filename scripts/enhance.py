@@ -13,18 +13,19 @@ import logging
 import resource
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.inferers import SlidingWindowInferer
-from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
+from monai.networks.nets import AutoencoderKL
 from monai.networks.schedulers import Scheduler
 from tqdm import tqdm
 
 from scripts.autoencoder import decode_volume, downsample_factor, pad_for, tiled_apply
 from scripts.baselines import resample
+from scripts.diffusion import ControlledDenoiser
 from scripts.dicom import new_template, series_template, write_series
 from scripts.grid import apply_along_axis, axis_positions, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
@@ -62,8 +63,7 @@ def target_spacing_of(image: torch.Tensor, target_spacing: Sequence[float] | Non
 
 @torch.no_grad()
 def sample_latent(
-    diffusion: DiffusionModelUNet,
-    controlnet: ControlNet,
+    denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     scheduler: Scheduler,
     condition: torch.Tensor,
     latent_channels: int,
@@ -75,7 +75,8 @@ def sample_latent(
     halo: int = 4,
     progress: bool = True,
 ) -> torch.Tensor:
-    """DDIM sampling of a latent for a padded, normalised ``condition`` ``(1, 1, fX, fY, fZ)``.
+    """DDIM sampling of a latent for a padded, normalised ``condition`` ``(1, 1, fX, fY, fZ)``; ``denoiser`` maps
+    (latent, timesteps, condition) to the noise prediction (``ControlledDenoiser`` or its TorchScript export).
 
     At each step the noise prediction is computed window by window over the whole latent (``tiled_apply``), with
     the condition folded onto the latent grid so that each window sees its own part of it.
@@ -90,9 +91,7 @@ def sample_latent(
         zw, cw = window[:, :latent_channels], depth_to_space(window[:, latent_channels:], factor)
         ts = t.reshape(1).to(device)
         with torch.autocast("cuda", enabled=amp):
-            down, mid = controlnet(x=zw, timesteps=ts, controlnet_cond=cw)
-            out = diffusion(x=zw, timesteps=ts, down_block_additional_residuals=down,
-                            mid_block_additional_residual=mid)
+            out = denoiser(zw, ts, cw)
         return out.float()
 
     for t in tqdm(scheduler.timesteps, desc="denoising steps", disable=not progress):
@@ -142,13 +141,15 @@ def enhance_volume(
             pred = inferer(normalize(condition, params)[None].to(device), networks["regression"].eval())
         return physical_range(denormalize(pred[0].float().cpu(), params), image, modality), None, affine, modality
     ae: AutoencoderKL = networks["autoencoder"].eval()
+    denoiser = (networks["denoiser"] if "denoiser" in networks
+                else ControlledDenoiser(networks["diffusion"], networks["controlnet"])).eval()
     f = downsample_factor(ae)
     padded, crop = pad_for(ae, normalize(condition, params)[None].to(device))
     latent_roi = [max(1, r // f) for r in sw["roi_size"]]
     samples = []
     for k in range(max(1, int(num_samples))):
         gen = torch.Generator().manual_seed(int(seed) + k)
-        z = sample_latent(networks["diffusion"].eval(), networks["controlnet"].eval(), networks["scheduler"], padded,
+        z = sample_latent(denoiser, networks["scheduler"], padded,
                           ae.latent_channels, f, num_inference_steps, gen, latent_roi, sw["sampling_overlap"],
                           progress=progress)
         decoded = decode_volume(ae, z / networks["scale_factor"], latent_roi, sw["overlap"], progress=progress)

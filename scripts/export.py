@@ -1,0 +1,117 @@
+"""TorchScript export of the networks, and the adapters that let the main job run from the exported files.
+
+What exports how (``docs/README.md`` says why):
+
+- ``regression_def`` scripts (``python -m monai.bundle ckpt_export regression_def ...``);
+- the autoencoder's two halves trace (``encoder_def``/``decoder_def`` in ``configs/export.json``, with
+  ``--use_trace true``): parameter names match ``models/autoencoder.pt``, so ``ckpt_export`` loads it as is;
+- the diffusion UNet and ControlNet do not script (MONAI's attention blocks and ``*args`` forwards) and
+  ``ckpt_export`` traces only one-input networks, so ``python -m scripts.export denoiser`` traces the ControlNet
+  steering the prior as one graph of ``(latent, timestep, condition)``, saved the same way (metadata and
+  configs embedded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+from monai.data import save_net_with_metadata
+from monai.networks.nets import AutoencoderKL
+
+from scripts.diffusion import ControlledDenoiser
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPORT_CONFIGS = ("configs/inference.json", "configs/export.json")
+
+
+class _AutoencoderPart(torch.nn.Module):
+    """Holds the autoencoder's modules under their own names, so ``models/autoencoder.pt`` loads strictly."""
+
+    def __init__(self, autoencoder: AutoencoderKL) -> None:
+        super().__init__()
+        for name, module in autoencoder.named_children():
+            self.add_module(name, module)
+
+
+class LatentEncoder(_AutoencoderPart):
+    """Image -> latent mean (what inference uses)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv_mu(self.encoder(x))
+
+
+class LatentDecoder(_AutoencoderPart):
+    """Latent -> image."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+
+class ExportedAutoencoder(torch.nn.Module):
+    """The exported encoder and decoder behind the interface the windowed encode/decode uses."""
+
+    def __init__(self, encoder: torch.nn.Module, decoder: torch.nn.Module, latent_channels: int, factor: int) -> None:
+        super().__init__()
+        self.encoder_ts, self.decoder_ts = encoder, decoder
+        self.latent_channels, self.downsample = latent_channels, factor
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.encoder_ts(x), None
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder_ts(z)
+
+
+def load_exported(folder: str | Path, latent_channels: int, factor: int, device: str | torch.device = "cpu") -> dict:
+    """``networks`` entries for ``scripts.enhance`` from ``encoder.ts``, ``decoder.ts`` and ``denoiser.ts``."""
+    folder = Path(folder)
+    missing = [n for n in ("encoder.ts", "decoder.ts", "denoiser.ts") if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder / missing[0]}: no exported network (see docs/README.md, Export)")
+    load = lambda name: torch.jit.load(str(folder / name), map_location=device)  # noqa: E731
+    return {"autoencoder": ExportedAutoencoder(load("encoder.ts"), load("decoder.ts"), latent_channels, factor),
+            "denoiser": load("denoiser.ts")}
+
+
+def denoiser(ckpt_dir: str = "models", filepath: str = "models/denoiser.ts", config_file: str | None = None) -> str:
+    """Trace the ControlNet-steered prior from ``ckpt_dir`` to ``filepath`` with the metadata and configs inside.
+
+    ``config_file`` adds override files (e.g. ``configs/tiny.json``) after the bundle's configs.
+    """
+    files = [str(ROOT / f) for f in EXPORT_CONFIGS] + ([config_file] if config_file else [])
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.read_meta(str(ROOT / "configs" / "metadata.json"))
+    parser.update({"ckpt_dir": str(Path(ckpt_dir).resolve()), "device": "cpu", "bundle_root": str(ROOT)})
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the configs name configs/common.json relative to the bundle root
+    try:
+        parser.parse()
+        nets = parser.get_parsed_content("networks")
+    finally:
+        os.chdir(cwd)
+    net = ControlledDenoiser(nets["diffusion"], nets["controlnet"]).eval()
+    latent = parser.get_parsed_content("denoiser_example_shape")
+    factor = 2 ** (len(parser["autoencoder_def"]["channels"]) - 1)
+    example = (torch.randn(1, *latent), torch.tensor([500]),
+               torch.rand(1, 1, *[s * factor for s in latent[1:]]))
+    with torch.no_grad():
+        traced = torch.jit.trace(net, example, check_trace=False)
+    extra = {Path(f).name: json.dumps(ConfigParser.load_config_file(f)).encode() for f in files}
+    save_net_with_metadata(traced, filepath, include_config_vals=False, append_timestamp=False,
+                           meta_values=parser.get("_meta_"), more_extra_files=extra)
+    return filepath
+
+
+def main() -> None:
+    import fire
+
+    fire.Fire({"denoiser": denoiser})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""TorchScript export (``ckpt_export`` and ``scripts.export``) matches the eager networks, carries the metadata and
+configs, and the main job runs from the exported files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ckpt_export
+
+from scripts.diffusion import ControlledDenoiser
+from scripts.export import LatentDecoder, LatentEncoder, denoiser
+from tests.conftest import ROOT
+from tests.test_inference import weights  # noqa: F401  (tiny weights fixture)
+
+TINY = str(ROOT / "configs" / "tiny.json")
+META = str(ROOT / "configs" / "metadata.json")
+
+
+def tiny_net(name: str, ckpt: Path) -> torch.nn.Module:
+    net = ConfigParser(json.loads(Path(TINY).read_text())).get_parsed_content(f"{name}_def")
+    net.load_state_dict(torch.load(ckpt / f"{name}.pt", weights_only=True))
+    return net.eval()
+
+
+def export(net_id: str, configs: list[str], ckpt_file: Path, filepath: Path, **kwargs) -> torch.jit.ScriptModule:
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the configs name configs/common.json relative to the bundle root
+    try:
+        ckpt_export(net_id=net_id, filepath=str(filepath), ckpt_file=str(ckpt_file), meta_file=META,
+                    config_file=[str(ROOT / "configs" / c) for c in configs] + [TINY], **kwargs)
+    finally:
+        os.chdir(cwd)
+    extra = {"metadata.json": "", "inference.json": ""}
+    ts = torch.jit.load(str(filepath), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["version"] == json.loads(Path(META).read_text())["version"]
+    assert "networks" in json.loads(extra["inference.json"])  # the configs travel with the network
+    return ts
+
+
+def test_ckpt_export_of_the_autoencoder_halves_and_the_regression_peer(weights, tmp_path):  # noqa: F811
+    ae = tiny_net("autoencoder", weights)
+    enc = export("encoder_def", ["inference.json", "export.json"], weights / "autoencoder.pt",
+                 tmp_path / "encoder.ts", use_trace=True, input_shape=[1, 1, 32, 32, 32])
+    dec = export("decoder_def", ["inference.json", "export.json"], weights / "autoencoder.pt",
+                 tmp_path / "decoder.ts", use_trace=True, input_shape=[1, 2, 8, 8, 8])
+    x = torch.rand(1, 1, 48, 32, 16)  # another shape than the trace's
+    with torch.no_grad():
+        z = ae.encode(x)[0]
+        torch.testing.assert_close(enc(x), z, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dec(z), ae.decode(z), rtol=1e-4, atol=1e-5)
+    assert set(LatentEncoder(ae).state_dict()) == set(LatentDecoder(ae).state_dict()) == set(ae.state_dict())
+
+    torch.manual_seed(0)
+    reg = ConfigParser(json.loads(Path(TINY).read_text())).get_parsed_content("regression_def").eval()
+    torch.save(reg.state_dict(), tmp_path / "regression.pt")
+    ts = export("regression_def", ["inference.json", "inference_regression.json"], tmp_path / "regression.pt",
+                tmp_path / "regression.ts")  # scripted, not traced
+    assert isinstance(ts, torch.jit.RecursiveScriptModule)
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ts(x), reg(x), rtol=1e-4, atol=1e-5)
+
+
+def test_traced_denoiser_matches_and_the_main_job_runs_from_exported_files(crops, weights, tmp_path):  # noqa: F811
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    denoiser(str(weights), str(exported / "denoiser.ts"), config_file=TINY)
+    eager = ControlledDenoiser(tiny_net("diffusion", weights), tiny_net("controlnet", weights)).eval()
+    ts = torch.jit.load(str(exported / "denoiser.ts"))
+    z, cond = torch.randn(1, 2, 16, 8, 8), torch.rand(1, 1, 32, 16, 16)
+    with torch.no_grad():
+        for t in (3, 700):  # the timestep is an input, not a constant of the trace
+            torch.testing.assert_close(ts(z, torch.tensor([t]), cond), eager(z, torch.tensor([t]), cond),
+                                       rtol=1e-4, atol=1e-5)
+    for half, shape in (("encoder", [1, 1, 32, 32, 32]), ("decoder", [1, 2, 8, 8, 8])):
+        export(f"{half}_def", ["inference.json", "export.json"], weights / "autoencoder.pt", exported / f"{half}.ts",
+               use_trace=True, input_shape=shape)
+    (exported / "autoencoder_scale.json").write_text((weights / "autoencoder_scale.json").read_text())
+
+    outs = {}
+    for name, configs, ckpt in (("eager", "['configs/inference.json','configs/tiny.json']", weights),
+                                ("exported", "['configs/inference.json','configs/tiny.json',"
+                                             "'configs/inference_exported.json']", exported)):
+        outs[name] = tmp_path / f"{name}.nii.gz"
+        res = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
+                              "--input_image", str(crops / "c.nii.gz"), "--output_image", str(outs[name]),
+                              "--ckpt_dir", str(ckpt), "--num_inference_steps", "2", "--device", "cpu"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = (np.asarray(nib.load(outs[k]).dataobj).astype(np.int32) for k in ("eager", "exported"))
+    assert np.abs(a - b).max() <= 1  # int16 HU: equal up to rounding
+
+
+def test_exported_inference_names_a_missing_file(tmp_path):
+    from scripts.export import load_exported
+
+    with pytest.raises(FileNotFoundError, match="encoder.ts: no exported network"):
+        load_exported(tmp_path, 2, 2)
