@@ -52,7 +52,6 @@ def _starts(size: int, roi: int, step: int) -> list[int]:
     return starts
 
 
-@torch.no_grad()
 def tiled_apply(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -69,7 +68,8 @@ def tiled_apply(
     edges), and only its central part is kept, so zero padding inside ``fn`` never reaches the kept output.
     Kept parts overlap by ``overlap`` and are blended with Gaussian weights. Window sizes, steps and the halo are
     multiples of ``unit`` input voxels (the downsampling factor when encoding), so every window maps onto whole
-    output voxels. Memory is bounded by ``roi_size + 2 * halo``, not by the volume.
+    output voxels. Memory is bounded by ``roi_size + 2 * halo``, not by the volume. Gradients flow through it
+    when enabled (posterior sampling wraps ``fn`` in activation checkpointing to keep that bound).
     """
     size = x.shape[2:]
     roi = [min(int(r), int(s)) // unit * unit or int(s) for r, s in zip(roi_size, size)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import shutil
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import AutoencoderKL
 from monai.networks.schedulers import Scheduler
@@ -32,7 +34,25 @@ from scripts.intensity import denormalize, intensity_params, normalize
 from scripts.volumes import load_volume, save_volume, spacing_of
 
 logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
 DICOM_DESCRIPTION = "enhanced by latent diffusion (research use only)"
+
+
+def inference_parser(config_files: Sequence[str], **overrides) -> ConfigParser:
+    """The parsed main-job configs (paths relative to the bundle root, like ``monai.bundle run`` from there) with
+    ``overrides``, for callers that need its ``networks`` outside ``monai.bundle run``."""
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / f) for f in config_files])
+    parser.read_meta(str(ROOT / "configs" / "metadata.json"))
+    parser.update({"bundle_root": str(ROOT), **overrides})
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the configs name configs/common.json relative to the bundle root
+    try:
+        parser.parse()
+        parser.get_parsed_content("networks")  # resolve now, while relative paths still hold
+    finally:
+        os.chdir(cwd)
+    return parser
 
 
 def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ What exports how (``docs/README.md`` says why):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -23,8 +22,8 @@ from monai.data import save_net_with_metadata
 from monai.networks.nets import AutoencoderKL
 
 from scripts.diffusion import ControlledDenoiser
+from scripts.enhance import ROOT, inference_parser
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPORT_CONFIGS = ("configs/inference.json", "configs/export.json")
 
 
@@ -82,18 +81,9 @@ def denoiser(ckpt_dir: str = "models", filepath: str = "models/denoiser.ts", con
 
     ``config_file`` adds override files (e.g. ``configs/tiny.json``) after the bundle's configs.
     """
-    files = [str(ROOT / f) for f in EXPORT_CONFIGS] + ([config_file] if config_file else [])
-    parser = ConfigParser()
-    parser.read_config(files)
-    parser.read_meta(str(ROOT / "configs" / "metadata.json"))
-    parser.update({"ckpt_dir": str(Path(ckpt_dir).resolve()), "device": "cpu", "bundle_root": str(ROOT)})
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # the configs name configs/common.json relative to the bundle root
-    try:
-        parser.parse()
-        nets = parser.get_parsed_content("networks")
-    finally:
-        os.chdir(cwd)
+    files = [*EXPORT_CONFIGS, *([config_file] if config_file else [])]
+    parser = inference_parser(files, ckpt_dir=str(Path(ckpt_dir).resolve()), device="cpu")
+    nets = parser.get_parsed_content("networks")
     net = ControlledDenoiser(nets["diffusion"], nets["controlnet"]).eval()
     latent = parser.get_parsed_content("denoiser_example_shape")
     factor = 2 ** (len(parser["autoencoder_def"]["channels"]) - 1)
@@ -101,7 +91,7 @@ def denoiser(ckpt_dir: str = "models", filepath: str = "models/denoiser.ts", con
                torch.rand(1, 1, *[s * factor for s in latent[1:]]))
     with torch.no_grad():
         traced = torch.jit.trace(net, example, check_trace=False)
-    extra = {Path(f).name: json.dumps(ConfigParser.load_config_file(f)).encode() for f in files}
+    extra = {Path(f).name: json.dumps(ConfigParser.load_config_file(ROOT / f)).encode() for f in files}
     save_net_with_metadata(traced, filepath, include_config_vals=False, append_timestamp=False,
                            meta_values=parser.get("_meta_"), more_extra_files=extra)
     return filepath

@@ -16,11 +16,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.enhance import depth_to_space, run, space_to_depth
+from scripts.enhance import depth_to_space, inference_parser, run, space_to_depth
 from scripts.grid import fov_grid
 from tests.conftest import ROOT
 
-CONFIGS = [str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "tiny.json")]
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +35,8 @@ def weights(tmp_path_factory) -> Path:
 
 
 def networks(ckpt: Path) -> dict:
-    parser = ConfigParser()
-    parser.read_config(CONFIGS)
-    parser.update({"ckpt_dir": str(ckpt), "device": "cpu"})
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        parser.parse()
-        return parser.get_parsed_content("networks")
-    finally:
-        os.chdir(cwd)
+    return inference_parser(["configs/inference.json", "configs/tiny.json"], ckpt_dir=str(ckpt),
+                            device="cpu").get_parsed_content("networks")
 
 
 def sha(path: Path) -> str:

@@ -1,0 +1,59 @@
+"""A MONAI Label infer task that runs this bundle's main job on the image a user opened.
+
+MONAI Label's stock ``BundleInferTask`` expects a segmentation bundle (pre-transforms, a network, a label
+writer), so this task implements ``InferTask`` itself and calls ``scripts.enhance.enhance``: the same pipeline,
+configs and weights as ``configs/inference.json``. The app that serves it is ``scripts/label_app/main.py``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from scripts.enhance import ROOT, enhance, inference_parser
+
+WEIGHTS = ("autoencoder.pt", "diffusion.pt", "controlnet.pt", "autoencoder_scale.json")
+
+
+class EnhanceTask(InferTask):
+    """Enhance the opened volume; the result is a NIfTI volume in the input's units (not a label map).
+
+    Request keys (all optional, defaults in ``config()``): ``target_spacing`` ("sx,sy,sz" in mm, empty for the
+    input's), ``modality`` (ct|mr), ``num_inference_steps``, ``seed``.
+    """
+
+    def __init__(self, ckpt_dir: str | None = None, config_files: tuple[str, ...] = ("configs/inference.json",),
+                 device: str | None = None) -> None:
+        super().__init__(type=InferType.OTHERS, labels=None, dimension=3,
+                         description="Latent-diffusion enhancement (denoising, through-plane super-resolution)",
+                         config={"target_spacing": "", "modality": "", "num_inference_steps": 20, "seed": 0})
+        self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else ROOT / "models"
+        self.config_files, self.device = config_files, device
+        self._parser = None
+
+    def is_valid(self) -> bool:
+        return all((self.ckpt_dir / name).is_file() for name in WEIGHTS)
+
+    def _networks_and_settings(self) -> tuple[dict, dict, str]:
+        if self._parser is None:
+            overrides = {"ckpt_dir": str(self.ckpt_dir)}
+            if self.device:
+                overrides["device"] = self.device
+            self._parser = inference_parser(self.config_files, **overrides)
+            self._networks = self._parser.get_parsed_content("networks")
+        p = self._parser
+        return self._networks, p.get_parsed_content("sliding_window"), p.get_parsed_content("device")
+
+    def __call__(self, request: dict) -> tuple[str, dict]:
+        params = {**self.config(), **request}
+        spacing = str(params.get("target_spacing") or "").strip("[] ")
+        networks, sliding_window, device = self._networks_and_settings()
+        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        result = enhance(
+            params["image"], out, networks,
+            target_spacing=[float(v) for v in spacing.split(",")] if spacing else None,
+            modality=params.get("modality") or None, num_inference_steps=int(params["num_inference_steps"]),
+            seed=int(params["seed"]), sliding_window=sliding_window, device=device)
+        return out, {k: result[k] for k in ("seconds", "modality", "shape", "spacing")}

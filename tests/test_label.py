@@ -1,0 +1,37 @@
+"""The MONAI Label infer task, driven directly (no server) on a small real volume."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.test_inference import weights  # noqa: F401  (tiny weights fixture)
+
+pytest.importorskip("monailabel", reason="install requirements-label.txt (make does)")
+
+
+def test_infer_task_enhances_the_opened_image(crops, weights, tmp_path):  # noqa: F811
+    from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+    from scripts.label import EnhanceTask
+
+    task = EnhanceTask(ckpt_dir=str(weights), config_files=("configs/inference.json", "configs/tiny.json"),
+                       device="cpu")
+    assert isinstance(task, InferTask) and task.is_valid()
+    assert task.info()["type"] == "others" and task.info()["dimension"] == 3
+    src = tmp_path / "opened.nii.gz"
+    shutil.copy(crops / "c.nii.gz", src)
+    out, info = task({"image": str(src), "target_spacing": "1.1406,1.1406,2.5", "num_inference_steps": 1})
+    try:
+        img, ref = nib.load(out), nib.load(src)
+        assert img.shape == (64, 64, 32) and info["spacing"] == pytest.approx([1.1406, 1.1406, 2.5], abs=1e-3)
+        assert info["modality"] == "ct" and img.get_data_dtype() == np.int16
+        np.testing.assert_allclose((img.affine @ [0, 0, -0.5, 1])[:3], (ref.affine @ [0, 0, -0.5, 1])[:3], atol=1e-3)
+    finally:
+        Path(out).unlink(missing_ok=True)
+    missing = EnhanceTask(ckpt_dir=str(tmp_path / "nothing"))
+    assert not missing.is_valid()
