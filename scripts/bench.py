@@ -216,6 +216,34 @@ def enhance_bench(steps: int = 1, config: str = "common", shape: tuple[int, int,
         print(f"{'classical ' + method:<32} {seconds:9.2f} s  {peak}")
 
 
+def posterior_bench(shape: tuple[int, int, int] = (96, 96, 64), steps: int = 1) -> None:
+    """Seconds and peak memory per posterior-sampling step (DPS and DMPS) with the full-size networks of
+    configs/common.json (random weights: cost, not quality) on a thick-slice input, one latent window."""
+    import json
+
+    from monai.bundle import ConfigParser
+
+    from scripts.grid import fov_grid
+    from scripts.posterior import forward_operator, posterior_sample
+
+    with open("configs/common.json") as f:
+        common = ConfigParser(json.load(f))
+    ae, prior = common.get_parsed_content("autoencoder_def").eval(), common.get_parsed_content("diffusion_def").eval()
+    scheduler = common.get_parsed_content("inference_scheduler_def")
+    thick_affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    thick = (shape[0], shape[1], shape[2] // 2)
+    out_shape, out_affine, _ = fov_grid(thick, thick_affine, [1.0, 1.0, 1.0])
+    A = forward_operator("thick_slice", thick, thick_affine, out_shape, out_affine)
+    observed = torch.rand(1, 1, *thick)
+    print(f"posterior sampling, {shape} output, full-size networks, CPU threads {torch.get_num_threads()}")
+    for method in ("dmps", "dps"):
+        t0 = time.perf_counter()
+        posterior_sample(ae, prior, scheduler, 1.0, observed, A, out_shape, 0.01, steps, torch.Generator(), method,
+                         roi_size=[s // 4 for s in shape], progress=False)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"{method:<6} {(time.perf_counter() - t0) / steps:9.1f} s/step  peak process memory {peak:.2f} GiB")
+
+
 def main() -> None:
     ctx = mp.get_context("spawn")
     print(f"volume {SHAPE}, spacing {SPACING} mm; {platform.processor() or platform.machine()}, "
@@ -234,4 +262,4 @@ def main() -> None:
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"all": main, "seams": seams, "enhance": enhance_bench})
+    fire.Fire({"all": main, "seams": seams, "enhance": enhance_bench, "posterior": posterior_bench})

@@ -113,6 +113,7 @@ def posterior_sample(
     step_size: float = 1.0,
     schedule: str = "linear",
     refine_iters: int = 0,
+    refine_lr: float = 0.2,
     roi_size: Sequence[int] = (24, 24, 16),
     overlap: float = 0.5,
     halo: int = 4,
@@ -155,19 +156,17 @@ def posterior_sample(
         with torch.enable_grad():
             x0 = decode(z0)
             r = misfit(x0)
-            if method == "dps":
-                (grad,) = torch.autograd.grad(r, z)
-            else:
-                weight = 1.0 / (noise_sigma**2 + (1 - ab) / ab)
-                (grad,) = torch.autograd.grad(0.5 * weight * r**2 / observed.numel(), z0)
-                grad = grad / ab.sqrt()
+            (grad,) = torch.autograd.grad(r, z if method == "dps" else z0)
+        # a step of zeta latent units (RMS), shrinking to 0 as the misfit reaches the noise level
+        discrepancy = float((1 - noise_sigma * observed.numel() ** 0.5 / r.detach()).clamp(0, 1))
+        grad = grad / grad.pow(2).mean().sqrt().clamp_min(1e-12) * discrepancy
         if record is not None:
             record(i, x0.detach())
         z = scheduler.step(eps.detach(), int(t), z.detach())[0] - zeta * grad
     z0 = z.detach()
     if refine_iters > 0:  # ReSample-style hard data consistency on the final latent
         z0 = z0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([z0], lr=0.05)
+        opt = torch.optim.Adam([z0], lr=refine_lr)
         for _ in range(int(refine_iters)):
             opt.zero_grad()
             with torch.enable_grad():
@@ -252,7 +251,7 @@ def restore(
         networks["autoencoder"].eval(), networks["diffusion"].eval(), networks["scheduler"],
         float(networks["scale_factor"]), observed, A, out_shape, sigma, num_inference_steps,
         torch.Generator().manual_seed(int(seed)), method, step_size, schedule, refine_iters,
-        [max(1, r // f) for r in sw["roi_size"]], sw["sampling_overlap"], record=recorder)
+        roi_size=[max(1, r // f) for r in sw["roi_size"]], overlap=sw["sampling_overlap"], record=recorder)
     out = physical_range(denormalize(x[0].float().cpu(), params), image, modality)
     save_volume(out, out_affine, output_image, dtype="int16" if modality == "ct" else "float32")
     result = {"output": str(output_image), "seconds": time.perf_counter() - t0, "noise_sigma": sigma / unit,
