@@ -3,18 +3,19 @@ the unconditional prior alone (no paired training).
 
 Every reverse DDIM step predicts the clean latent ``z0`` from ``z_t``, decodes it, re-degrades it with the
 foundation's operators (``scripts.degradations``, differentiable in torch) and moves ``z_t`` down the gradient of
-the data misfit:
+the misfit ``||y - A D(z0)||``:
 
-- ``dps`` (Chung et al. 2022): the gradient of ``||y - A D(z0(z_t))||`` through the prior and the decoder, step
-  ``step_size`` (DPS's normalised step); the most faithful, and the most expensive (back-propagation through the
-  prior).
-- ``dmps`` (Meng & Kabashima 2022, in latent form): the gradient through the decoder only, with DMPS's
-  noise-aware weighting ``1 / (sigma_y^2 + (1 - a_t) / a_t)`` and ``dz0/dz_t ~ 1 / sqrt(a_t)``; about half the cost.
+- ``dps`` (Chung et al. 2022): the gradient with respect to ``z_t``, through the prior and the decoder; the most
+  faithful, and the most expensive (back-propagation through the prior).
+- ``dmps`` (after Meng & Kabashima 2022, who drop the denoiser's Jacobian): the gradient with respect to ``z0``,
+  through the decoder only; slightly cheaper (the decoder dominates: ``python -m scripts.bench posterior``).
 
-The step size follows ``schedule`` (``constant`` or ``linear``: growing to ``step_size`` at the last step), and
-``refine_iters`` ends with ReSample-style (Song et al. 2023) optimisation of the final latent against ``y``.
-Memory is bounded: the prior and the decoder run window by window (``tiled_apply``) and every window is wrapped in
-activation checkpointing, so back-propagation holds one window's activations at a time.
+The step is normalised to ``step_size`` latent units (RMS) times ``(1 - sigma_y sqrt(m) / ||r||)`` clipped to
+[0, 1] (the discrepancy principle: guidance fades as the misfit reaches the noise level, so noise is not fitted),
+and grows linearly to ``step_size`` over the steps with ``schedule='linear'``. ``refine_iters`` ends with
+ReSample-style (Song et al. 2023) optimisation of the final latent against ``y``. Memory is bounded: the prior and
+the decoder run window by window (``tiled_apply``) and every window is wrapped in activation checkpointing, so
+back-propagation holds one window's activations at a time.
 """
 
 from __future__ import annotations
