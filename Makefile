@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m scripts.bench all
 	$(PY) -m scripts.bench enhance
+	$(PY) -m scripts.bench posterior
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
