@@ -70,6 +70,14 @@ def depth_to_space(x: torch.Tensor, f: int) -> torch.Tensor:
     return x.reshape(b, c0, s[0] * f, s[1] * f, s[2] * f)
 
 
+def resolve_modality(image: torch.Tensor, modality: str | None) -> str:
+    """``ct`` or ``mr``: as asked, else from the DICOM header, else CT."""
+    modality = (modality or str(getattr(image, "meta", {}).get("modality", "")).lower() or "ct").lower()
+    if modality not in ("ct", "mr"):
+        raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
+    return modality
+
+
 def target_spacing_of(image: torch.Tensor, target_spacing: Sequence[float] | None) -> list[float]:
     """The requested output spacing, or the input's (pure restoration); refuses non-positive values."""
     if target_spacing is None or (isinstance(target_spacing, str) and not target_spacing.strip()):
@@ -145,9 +153,7 @@ def enhance_volume(
     sw = {"roi_size": [96, 96, 64], "overlap": 0.25, "sampling_overlap": 0.5, **(sliding_window or {})}
     if method not in ("diffusion", "regression"):
         raise ValueError(f"method must be 'diffusion' or 'regression', got {method!r}")
-    modality = (modality or str(image.meta.get("modality", "")).lower() or "ct").lower()
-    if modality not in ("ct", "mr"):
-        raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
+    modality = resolve_modality(image, modality)
     spacing = target_spacing_of(image, target_spacing)
     if np.allclose(spacing, spacing_of(image.affine)):
         condition, affine = image.as_tensor().float(), np.asarray(image.affine)

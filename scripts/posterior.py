@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from scripts.autoencoder import downsample_factor, pad_for, tiled_apply
 from scripts.degradations import blur, kspace_truncate
-from scripts.enhance import physical_range, target_spacing_of
+from scripts.enhance import physical_range, resolve_modality, target_spacing_of
 from scripts.grid import apply_along_axis, fov_grid, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
 from scripts.volumes import load_volume, save_volume, spacing_of
@@ -233,9 +233,7 @@ def restore(
     t0 = time.perf_counter()
     device = torch.device(device)
     image = load_volume(input_image, series_uid=series_uid)
-    modality = (modality or str(image.meta.get("modality", "")).lower() or "ct").lower()
-    if modality not in ("ct", "mr"):
-        raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
+    modality = resolve_modality(image, modality)
     in_affine = np.asarray(image.affine)
     out_shape, out_affine, _ = fov_grid(image.shape[1:], in_affine,
                                         output_spacing(image, operator, factor, target_spacing))
