@@ -114,3 +114,17 @@ def trained(crops, tmp_path_factory):
                                          datalist=str(crops / "datalist.json"), ckpt_dir=str(ckpt),
                                          output_dir=str(ckpt / "tb"), max_epochs=3)
     return ckpt, trainer, losses, parser
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> Path:
+    """Tiny autoencoder, prior and ControlNet weights in one ckpt_dir (untrained: the contract, not quality)."""
+    ckpt = tmp_path_factory.mktemp("models")
+    tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
+    import torch
+
+    torch.manual_seed(0)
+    for name in ("autoencoder", "diffusion", "controlnet"):
+        torch.save(tiny.get_parsed_content(f"{name}_def").state_dict(), ckpt / f"{name}.pt")
+    (ckpt / "autoencoder_scale.json").write_text(json.dumps({"scale_factor": 1.2}))
+    return ckpt

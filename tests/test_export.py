@@ -18,7 +18,6 @@ from monai.bundle import ConfigParser, ckpt_export
 from scripts.diffusion import ControlledDenoiser
 from scripts.export import LatentDecoder, LatentEncoder, denoiser
 from tests.conftest import ROOT
-from tests.test_inference import weights  # noqa: F401  (tiny weights fixture)
 
 TINY = str(ROOT / "configs" / "tiny.json")
 META = str(ROOT / "configs" / "metadata.json")
@@ -45,7 +44,7 @@ def export(net_id: str, configs: list[str], ckpt_file: Path, filepath: Path, **k
     return ts
 
 
-def test_ckpt_export_of_the_autoencoder_halves_and_the_regression_peer(weights, tmp_path):  # noqa: F811
+def test_ckpt_export_of_the_autoencoder_halves_and_the_regression_peer(weights, tmp_path):
     ae = tiny_net("autoencoder", weights)
     enc = export("encoder_def", ["inference.json", "export.json"], weights / "autoencoder.pt",
                  tmp_path / "encoder.ts", use_trace=True, input_shape=[1, 1, 32, 32, 32])
@@ -69,7 +68,7 @@ def test_ckpt_export_of_the_autoencoder_halves_and_the_regression_peer(weights, 
         torch.testing.assert_close(ts(x), reg(x), rtol=1e-4, atol=1e-5)
 
 
-def test_traced_denoiser_matches_and_the_main_job_runs_from_exported_files(crops, weights, tmp_path):  # noqa: F811
+def test_traced_denoiser_matches_and_the_main_job_runs_from_exported_files(crops, weights, tmp_path):
     exported = tmp_path / "exported"
     exported.mkdir()
     denoiser(str(weights), str(exported / "denoiser.ts"), config_file=TINY)

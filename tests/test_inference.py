@@ -14,24 +14,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
 from scripts.enhance import depth_to_space, inference_parser, run, space_to_depth
 from scripts.grid import fov_grid
 from tests.conftest import ROOT
 
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """Tiny autoencoder, prior and ControlNet weights in one ckpt_dir (untrained: the contract, not quality)."""
-    ckpt = tmp_path_factory.mktemp("models")
-    tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
-    torch.manual_seed(0)
-    for name in ("autoencoder", "diffusion", "controlnet"):
-        torch.save(tiny.get_parsed_content(f"{name}_def").state_dict(), ckpt / f"{name}.pt")
-    (ckpt / "autoencoder_scale.json").write_text(json.dumps({"scale_factor": 1.2}))
-    return ckpt
 
 
 def networks(ckpt: Path) -> dict:

@@ -9,12 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.test_inference import weights  # noqa: F401  (tiny weights fixture)
 
 pytest.importorskip("monailabel", reason="install requirements-label.txt (make does)")
 
 
-def test_infer_task_enhances_the_opened_image(crops, weights, tmp_path):  # noqa: F811
+def test_infer_task_enhances_the_opened_image(crops, weights, tmp_path):
     from monailabel.interfaces.tasks.infer_v2 import InferTask
 
     from scripts.label import EnhanceTask
