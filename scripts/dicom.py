@@ -230,7 +230,8 @@ def write_series(
     for tag in STALE_TAGS:
         if tag in base:
             del base[tag]
-    base.file_meta = copy.deepcopy(getattr(template, "file_meta", pydicom.dataset.FileMetaDataset()))
+    if not hasattr(base, "file_meta"):
+        base.file_meta = pydicom.dataset.FileMetaDataset()
     base.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     base.file_meta.MediaStorageSOPClassUID = base.SOPClassUID
     base.SeriesInstanceUID = series_uid

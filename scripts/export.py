@@ -68,12 +68,12 @@ class ExportedAutoencoder(torch.nn.Module):
 def load_exported(folder: str | Path, latent_channels: int, factor: int, device: str | torch.device = "cpu") -> dict:
     """``networks`` entries for ``scripts.enhance`` from ``encoder.ts``, ``decoder.ts`` and ``denoiser.ts``."""
     folder = Path(folder)
-    missing = [n for n in ("encoder.ts", "decoder.ts", "denoiser.ts") if not (folder / n).is_file()]
+    names = ("encoder.ts", "decoder.ts", "denoiser.ts")
+    missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder / missing[0]}: no exported network (see docs/README.md, Export)")
-    load = lambda name: torch.jit.load(str(folder / name), map_location=device)  # noqa: E731
-    return {"autoencoder": ExportedAutoencoder(load("encoder.ts"), load("decoder.ts"), latent_channels, factor),
-            "denoiser": load("denoiser.ts")}
+    encoder, decoder, denoiser_ts = (torch.jit.load(str(folder / n), map_location=device) for n in names)
+    return {"autoencoder": ExportedAutoencoder(encoder, decoder, latent_channels, factor), "denoiser": denoiser_ts}
 
 
 def denoiser(ckpt_dir: str = "models", filepath: str = "models/denoiser.ts", config_file: str | None = None) -> str:

@@ -31,7 +31,7 @@ class EnhanceTask(InferTask):
                          config={"target_spacing": "", "modality": "", "num_inference_steps": 20, "seed": 0})
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else ROOT / "models"
         self.config_files, self.device = config_files, device
-        self._parser = None
+        self._parser = None  # parsed on the first request, then reused
 
     def is_valid(self) -> bool:
         return all((self.ckpt_dir / name).is_file() for name in WEIGHTS)
@@ -42,9 +42,8 @@ class EnhanceTask(InferTask):
             if self.device:
                 overrides["device"] = self.device
             self._parser = inference_parser(self.config_files, **overrides)
-            self._networks = self._parser.get_parsed_content("networks")
-        p = self._parser
-        return self._networks, p.get_parsed_content("sliding_window"), p.get_parsed_content("device")
+        p = self._parser  # parsed content is cached by the parser: the networks load once
+        return p.get_parsed_content("networks"), p.get_parsed_content("sliding_window"), p.get_parsed_content("device")
 
     def __call__(self, request: dict) -> tuple[str, dict]:
         params = {**self.config(), **request}

@@ -72,6 +72,18 @@ def tracking(store: Path) -> list[str]:
     return ["--tracking", "mlflow", "--tracking_uri", f"sqlite:///{store}"]
 
 
+def tracked_training(config: str, crops: Path, tmp_path: Path) -> tuple:
+    """``monai.bundle run training`` of ``configs/<config>`` + tiny.json for one epoch on the crops, tracked by
+    MLflow into ``tmp_path/mlruns.db``: the single run and its artifact names."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+           f"['configs/{config}','configs/tiny.json']", "--datalist", str(crops / "datalist.json"),
+           "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"), "--max_epochs", "1",
+           *tracking(tmp_path / "mlruns.db")]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return mlflow_record(tmp_path / "mlruns.db")
+
+
 def mlflow_record(store: Path):
     """The single MLflow run in a local SQLite store, and the file names of its artifacts."""
     from mlflow.tracking import MlflowClient

@@ -21,7 +21,7 @@ from scripts.autoencoder import (
     load_scale_factor,
     reconstruct_volume,
 )
-from tests.conftest import ROOT, SAMPLE, mlflow_record, run_config, torchrun, tracking
+from tests.conftest import ROOT, SAMPLE, run_config, torchrun, tracked_training
 
 CONFIGS = ["train_autoencoder.json", "tiny.json"]
 
@@ -186,13 +186,7 @@ def test_prepare_latents_writes_latents_and_a_datalist(trained, crops, tmp_path)
 
 
 def test_tracking_with_mlflow_records_parameters_metrics_and_the_final_checkpoint(crops, tmp_path):
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           "['configs/train_autoencoder.json','configs/tiny.json']", "--datalist", str(crops / "datalist.json"),
-           "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"), "--max_epochs", "1",
-           *tracking(tmp_path / "mlruns.db")]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run, artifacts = mlflow_record(tmp_path / "mlruns.db")
+    run, artifacts = tracked_training("train_autoencoder.json", crops, tmp_path)
     assert {"train_loss", "val_psnr", "val_ssim", "val_mae"} <= set(run.data.metrics)
     assert run.data.params["max_epochs"] == "1"
     assert {"autoencoder_checkpoint_final.pt", "autoencoder.pt"} <= artifacts

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from tests.conftest import ROOT, mlflow_record, tracking
+from tests.conftest import ROOT, tracked_training
 from tests.test_pipeline import _run
 
 
@@ -32,12 +32,6 @@ def test_regression_peer_trains_and_enhances(crops, tmp_path):
 
 
 def test_regression_training_with_mlflow(crops, tmp_path):
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           "['configs/train_regression.json','configs/tiny.json']", "--datalist", str(crops / "datalist.json"),
-           "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"), "--max_epochs", "1",
-           *tracking(tmp_path / "mlruns.db")]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run, artifacts = mlflow_record(tmp_path / "mlruns.db")
+    run, artifacts = tracked_training("train_regression.json", crops, tmp_path)
     assert {"train_loss", "val_l1"} <= set(run.data.metrics) and run.data.params["max_epochs"] == "1"
     assert {"regression_checkpoint_final.pt", "regression.pt"} <= artifacts
