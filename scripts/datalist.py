@@ -1,7 +1,10 @@
-"""Datalists in the Auto3DSeg / Medical Segmentation Decathlon JSON format, split by patient.
+"""Datalists in the Auto3DSeg / Medical Segmentation Decathlon JSON format, split by patient or by region.
 
 ``python -m scripts.datalist make IMAGES_DIR datalist.json [--patient_pattern REGEX] [--val_fraction 0.2]``
 writes ``training`` (with ``fold``), ``validation`` and ``testing`` lists in which no patient appears twice.
+
+``python -m scripts.datalist regions DATA_DIR OUTPUT_DIR`` holds out a slab of every volume instead, for data
+with too few patients to split (the development volumes in ``../shared/data``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from pathlib import Path
 import numpy as np
 from monai.data import load_decathlon_datalist
 
+from scripts.metrics import MR_MASK_FRACTION, body_mask, mr_scale
+from scripts.volumes import load_volume, save_volume, spacing_of
+
+DEVELOPMENT_VOLUMES = {"lung1_image.nrrd": "ct", "brain1_image.nrrd": "mr", "mni152_t1_1mm.nii.gz": "mr"}
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -93,6 +100,52 @@ def make_datalist(
     return datalist
 
 
+def split_regions(
+    data_dir: str,
+    output_dir: str,
+    volumes: dict[str, str] | None = None,
+    val_fraction: float = 0.25,
+    gap_mm: float = 20.0,
+) -> dict:
+    """Hold out the top ``val_fraction`` of the anatomy (along the third axis) of every volume for validation.
+
+    The anatomy's extent is the run of slices where the body (CT) or head (MR) mask of ``scripts.metrics`` covers
+    at least 2 % of the slice, so an empty margin (the MNI template's) is not counted as validation data. A band
+    of ``gap_mm`` between the two slabs belongs to neither, so training and validation patches never share
+    anatomy; slices above the anatomy are dropped. The slabs are written to ``output_dir`` as NIfTI (the affine keeps their world position) with
+    ``datalist.json`` (``training``/``validation``, each entry with its ``modality``). ``volumes`` maps file names
+    in ``data_dir`` to modalities; by default the three development volumes.
+    """
+    volumes = volumes or DEVELOPMENT_VOLUMES
+    out = Path(output_dir)
+    datalist: dict = {"name": "regions", "dataroot": str(out.resolve()), "training": [], "validation": [],
+                      "split": {"val_fraction": val_fraction, "gap_mm": gap_mm}}
+    for name, modality in volumes.items():
+        img = load_volume(Path(data_dir) / name)
+        v, affine = img.as_tensor()[0], np.asarray(img.affine)
+        dz = float(spacing_of(affine)[2])
+        mask = body_mask(v) if modality == "ct" else body_mask(v, MR_MASK_FRACTION * mr_scale(v))
+        occupied = np.flatnonzero(mask.mean(axis=(0, 1)) >= 0.02)
+        n = int(occupied[-1]) + 1 if occupied.size else v.shape[2]
+        n_val = max(1, int(round(val_fraction * (n - (int(occupied[0]) if occupied.size else 0)))))
+        n_gap = int(np.ceil(gap_mm / dz))
+        n_train = n - n_val - n_gap
+        if n_train < 1:
+            raise ValueError(f"{name}: {n} slices of {dz} mm are too few for val_fraction={val_fraction}, "
+                             f"gap_mm={gap_mm}")
+        stem = name.split(".")[0]
+        for key, start, stop in (("training", 0, n_train), ("validation", n - n_val, n)):
+            slab_affine = affine.copy()
+            slab_affine[:3, 3] = (affine @ np.array([0.0, 0.0, start, 1.0]))[:3]
+            dtype = "int16" if modality == "ct" else "float32"
+            save_volume(v[:, :, start:stop], slab_affine, out / f"{stem}_{key}.nii.gz", dtype=dtype)
+            datalist[key].append({"image": f"{stem}_{key}.nii.gz", "modality": modality, "source": name,
+                                  "slices": [start, stop]})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    return datalist
+
+
 def read_datalist(
     path: str, key: str = "training", base_dir: str | None = None, path_keys: Sequence[str] = ("image",)
 ) -> list[dict]:
@@ -121,7 +174,7 @@ def read_datalist(
 def main() -> None:
     import fire
 
-    fire.Fire({"make": make_datalist})
+    fire.Fire({"make": make_datalist, "regions": split_regions})
 
 
 if __name__ == "__main__":

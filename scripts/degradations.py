@@ -9,7 +9,7 @@ channel-first MetaTensor under their key, degrade it in place and append the par
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from math import ceil
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, RandomizableTransform
+from monai.transforms import MapTransform, Randomizable, RandomizableTransform
 
 from scripts.grid import (
     FWHM_TO_SIGMA,
@@ -29,6 +29,7 @@ from scripts.grid import (
     thick_axis,
 )
 from scripts.radon import fbp, radon
+from scripts.intensity import item_modality
 from scripts.volumes import spacing_of
 
 MU_WATER_PER_MM = 0.0193  # linear attenuation of water at ~70 keV effective energy
@@ -224,6 +225,34 @@ class _RandDegradationd(RandomizableTransform, MapTransform):
                 d[key] = self.apply(torch.as_tensor(img), np.ones(3), params)
         d["degradation"] = [*d.get("degradation", []), {"name": type(self).__name__, **params}]
         return d
+
+
+class ByModalityd(Randomizable, MapTransform):
+    """Apply the transform of each item's modality (``scripts.intensity.item_modality`` of the first key), so
+    that CT and MR volumes in one datalist get their own degradations: low-dose CT noise only on CT, Rician
+    noise and k-space truncation only on MR."""
+
+    def __init__(self, keys: KeysCollection, transforms: Mapping[str, Callable], default_modality: str = "ct",
+                 allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.transforms = {str(k).lower(): t for k, t in transforms.items()}
+        self.default_modality = default_modality
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> ByModalityd:
+        super().set_random_state(seed, state)
+        for t in self.transforms.values():
+            if isinstance(t, Randomizable):
+                t.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: object = None) -> None:
+        """The wrapped transforms draw their own parameters."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        modality = item_modality(data, self.first_key(dict(data)), self.default_modality)
+        if modality not in self.transforms:
+            raise ValueError(f"no degradations for modality {modality!r}; have {sorted(self.transforms)}")
+        return self.transforms[modality](dict(data))
 
 
 def _uniform(rng: np.random.RandomState, value_range: Sequence[float]) -> float:

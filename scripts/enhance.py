@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DICOM_DESCRIPTION = "enhanced by latent diffusion (research use only)"
 
 
-def inference_parser(config_files: Sequence[str], **overrides) -> ConfigParser:
+def inference_parser(config_files: Sequence[str], load_networks: bool = True, **overrides) -> ConfigParser:
     """The parsed main-job configs (paths relative to the bundle root, like ``monai.bundle run`` from there) with
-    ``overrides``, for callers that need its ``networks`` outside ``monai.bundle run``."""
+    ``overrides``, for callers that need its ``networks`` (loaded now unless ``load_networks=False``) or settings
+    outside ``monai.bundle run``."""
     parser = ConfigParser()
     parser.read_config([str(ROOT / f) for f in config_files])
     parser.read_meta(str(ROOT / "configs" / "metadata.json"))
@@ -49,7 +50,8 @@ def inference_parser(config_files: Sequence[str], **overrides) -> ConfigParser:
     os.chdir(ROOT)  # the configs name configs/common.json relative to the bundle root
     try:
         parser.parse()
-        parser.get_parsed_content("networks")  # resolve now, while relative paths still hold
+        if load_networks:
+            parser.get_parsed_content("networks")  # resolve now, while relative paths still hold
     finally:
         os.chdir(cwd)
     return parser

@@ -43,6 +43,14 @@ def denormalize(img: torch.Tensor, params: dict) -> torch.Tensor:
     return img * params["scale"] + params["offset"]
 
 
+def item_modality(data: Mapping[Hashable, torch.Tensor], key: Hashable, default: str) -> str:
+    """The modality of a data item: its ``modality`` entry (a datalist field), else the Modality that the DICOM
+    reader stored in ``data[key]``'s metadata (CT or MR), else ``default``."""
+    img = data.get(key)
+    meta_modality = str(getattr(img, "meta", {}).get("modality", "")) if img is not None else ""
+    return str(data.get("modality") or (meta_modality if meta_modality in ("CT", "MR") else "") or default).lower()
+
+
 class NormalizeIntensityd(MapTransform):
     """Normalise ``keys`` with the parameters of the first key's image; the modality comes from the item's
     ``modality`` entry (a datalist field, or DICOM's Modality) or from ``default_modality``."""
@@ -55,10 +63,7 @@ class NormalizeIntensityd(MapTransform):
         d = dict(data)
         keys = list(self.key_iterator(d))
         first = d[keys[0]]
-        meta_modality = getattr(first, "meta", {}).get("modality", "") if hasattr(first, "meta") else ""
-        modality = str(d.get("modality") or (meta_modality if meta_modality in ("CT", "MR") else "")
-                       or self.default_modality)
-        params = intensity_params(first, modality)
+        params = intensity_params(first, item_modality(d, keys[0], self.default_modality))
         for key in keys:
             d[key] = normalize(d[key], params)
             d[f"{key}_intensity"] = dict(params)

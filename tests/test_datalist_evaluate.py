@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.datalist import make_datalist, read_datalist
+from scripts.datalist import make_datalist, read_datalist, split_regions
 from scripts.evaluate import evaluate
 from scripts.volumes import VolumeError
 from tests.conftest import ct_phantom
@@ -59,6 +59,23 @@ def test_bad_datalists_say_what_is_wrong(tmp_path):
     (tmp_path / "gone.json").write_text(json.dumps({"training": [{"image": "nothere.nii.gz"}]}))
     with pytest.raises(FileNotFoundError, match="nothere.nii.gz listed in 'training' does not exist"):
         read_datalist(str(tmp_path / "gone.json"))
+
+
+def test_region_split_holds_out_the_top_of_the_anatomy_with_a_gap(tmp_path):
+    vol, affine = ct_phantom(shape=(40, 40, 30), spacing=(1.0, 1.0, 2.0))
+    vol[:, :, 24:] = -1000.0  # air above the body: not validation data
+    nib.save(nib.Nifti1Image(vol.astype(np.int16), affine), tmp_path / "ct.nii.gz")
+    dl = split_regions(str(tmp_path), str(tmp_path / "regions"), {"ct.nii.gz": "ct"}, val_fraction=0.25, gap_mm=4.0)
+    assert [e["slices"] for e in dl["training"]] == [[0, 16]]  # 24 body slices: 6 validate, 2 (4 mm) gap
+    assert [e["slices"] for e in dl["validation"]] == [[18, 24]]
+    for key, start in (("training", 0), ("validation", 18)):
+        (item,) = read_datalist(str(tmp_path / "regions" / "datalist.json"), key)
+        assert item["modality"] == "ct"
+        img = nib.load(item["image"])
+        np.testing.assert_allclose(img.affine[:3, 3], (affine @ [0, 0, start, 1])[:3])  # world position kept
+        np.testing.assert_array_equal(np.asarray(img.dataobj), vol[:, :, start:start + img.shape[2]])
+    with pytest.raises(ValueError, match="too few"):
+        split_regions(str(tmp_path), str(tmp_path / "r2"), {"ct.nii.gz": "ct"}, val_fraction=0.5, gap_mm=40.0)
 
 
 def test_evaluate_writes_json_csv_and_montages(tmp_path):

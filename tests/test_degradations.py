@@ -12,6 +12,7 @@ from monai.transforms import Compose, CopyItemsd
 
 from scripts.baselines import resample
 from scripts.degradations import (
+    ByModalityd,
     MU_WATER_PER_MM,
     RandBlurd,
     RandKSpaceTruncated,
@@ -200,6 +201,21 @@ def test_thick_transform_without_resampling_updates_the_affine():
     out = t({"image": _meta(vol, affine)})["image"]
     assert out.shape == (1, 16, 16, 4)
     np.testing.assert_allclose(np.asarray(out.affine), thick_slice_affine(affine, 12, 3))
+
+
+def test_mixed_datalist_items_get_the_degradations_of_their_modality():
+    vol, affine = ct_phantom(shape=(32, 32, 8))
+    by_modality = ByModalityd("image", {"ct": RandLowDoseCTd("image", (0.25, 0.25), n_views=60),
+                                        "mr": RandRicianNoised("image", (0.05, 0.05))}, default_modality="ct")
+    pipeline = Compose([by_modality]).set_random_state(1)
+    ct = pipeline({"image": _meta(vol, affine)})  # no modality entry: the default
+    mr = pipeline({"image": _meta(vol + 1000.0, affine), "modality": "MR"})
+    assert [d["name"] for d in ct["degradation"]] == ["RandLowDoseCTd"]
+    assert [d["name"] for d in mr["degradation"]] == ["RandRicianNoised"]
+    pipeline.set_random_state(1)
+    torch.testing.assert_close(pipeline({"image": _meta(vol, affine)})["image"], ct["image"])  # seeded
+    with pytest.raises(ValueError, match="no degradations for modality 'pet'"):
+        by_modality({"image": _meta(vol, affine), "modality": "pet"})
 
 
 def test_mr_transforms_keep_the_grid():

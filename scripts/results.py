@@ -1,0 +1,207 @@
+"""Results on held-out validation volumes: every method on the same degraded input, scored and timed.
+
+For each validation entry of a datalist (``scripts.datalist regions`` writes one) and each task of its modality,
+the reference is degraded with a fixed seed (``scripts.baseline_report.degrade_for_task``) and restored by the
+classical baselines, the regression peer, the latent ControlNet (one sample, with ``--data_consistency`` for
+super-resolution, the mean of K samples) and posterior sampling with the task's known operator. Networks come
+from the main job's configs (``configs/inference.json`` plus ``network_configs``) and ``ckpt_dir``, exactly as
+``monai.bundle run`` builds them; methods whose weights are missing are skipped and say so. Outputs, per-case
+montages (``scripts.evaluate``), one montage per task (input, best classical, regression, ours, reference),
+``results.json`` and the markdown table ``results.md`` go to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from scripts.baseline_report import degrade_for_task, restore_all, tuned_best
+from scripts.baselines import resample
+from scripts.datalist import read_datalist
+from scripts.enhance import enhance_volume, inference_parser
+from scripts.evaluate import display_window, evaluate
+from scripts.figures import montage
+from scripts.posterior import restore
+from scripts.volumes import load_volume, save_volume, spacing_of
+
+logger = logging.getLogger(__name__)
+
+# task -> modality, the known operator of posterior sampling, and whether the ControlNet trained on its kind
+TASKS: dict[str, dict] = {
+    "ct_sr_5to10mm": {"modality": "ct", "operator": {"operator": "thick_slice", "factor": 2.0, "profile": "box"},
+                      "in_training_range": True},
+    "ct_lowdose_quarter": {"modality": "ct", "operator": {"operator": "identity"}, "in_training_range": True},
+    "ct_blur_gaussian_3mm": {"modality": "ct", "operator": {"operator": "blur", "kernel": "gaussian",
+                                                            "sigma_mm": 3.0}, "in_training_range": False},
+    "mr_rician5": {"modality": "mr", "operator": {"operator": "identity"}, "in_training_range": True},
+}
+METHODS = ("classical", "regression", "ours", "ours + data consistency", "ours mean", "posterior")
+
+
+def load_networks(config_files: Sequence[str], ckpt_dir: str, device: str) -> dict | None:
+    """``networks`` of the main-job configs with weights from ``ckpt_dir``; ``None`` (logged) if any is missing."""
+    try:
+        parser = inference_parser(config_files, ckpt_dir=str(Path(ckpt_dir).resolve()), device=device)
+    except RuntimeError as err:  # the config parser wraps the loader's FileNotFoundError
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if not isinstance(cause, FileNotFoundError):
+            raise
+        logger.warning("skipping the networks of %s: %s", config_files, cause)
+        return None
+    return parser.get_parsed_content("networks")
+
+
+def centre_crop(x: torch.Tensor, affine: np.ndarray, size: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
+    """The centre of ``x`` of at most ``size`` voxels per axis (-1: the whole axis), and its affine."""
+    starts = [0 if s < 0 or s >= n else (n - s) // 2 for n, s in zip(x.shape, size)]
+    stops = [n if s < 0 or s >= n else st + s for n, s, st in zip(x.shape, size, starts)]
+    cropped = affine.copy()
+    cropped[:3, 3] = (affine @ np.array([*starts, 1.0]))[:3]
+    return x[tuple(slice(a, b) for a, b in zip(starts, stops))], cropped
+
+
+def _timed(fn: Callable[[], torch.Tensor], device: str) -> tuple[torch.Tensor, float]:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def run(
+    datalist: str,
+    ckpt_dir: str = "models",
+    output_dir: str = "outputs/results",
+    network_configs: Sequence[str] = (),
+    tasks: Sequence[str] | None = None,
+    methods: Sequence[str] = METHODS,
+    num_inference_steps: int = 20,
+    num_samples: int = 4,
+    posterior_steps: int = 50,
+    sliding_window: dict | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    crop: Sequence[int] | None = None,
+) -> dict:
+    """Run, score and time every method on every validation volume; write ``results.md``/``results.json``.
+
+    ``crop`` (voxels per axis, -1 for all) keeps the centre of each validation volume, to shorten CPU runs; the
+    low-dose CT task needs whole axial slices (its noise is made in the projection domain) and refuses a crop.
+    """
+    net_cfgs = list(network_configs)
+    ours = posterior_nets = regression = None
+    if {"ours", "ours + data consistency", "ours mean"} & set(methods):
+        ours = load_networks(["configs/inference.json", *net_cfgs], ckpt_dir, device)
+    if "posterior" in methods:
+        posterior_nets = load_networks(["configs/inference.json", "configs/inference_posterior.json", *net_cfgs],
+                                       ckpt_dir, device)
+    if "regression" in methods:
+        regression = load_networks(["configs/inference.json", "configs/inference_regression.json", *net_cfgs],
+                                   ckpt_dir, device)
+    if sliding_window is None:
+        sliding_window = inference_parser(["configs/inference.json", *net_cfgs], load_networks=False).get_parsed_content(
+            "sliding_window")
+    out_root = Path(output_dir)
+    lines = [f"| volume | task | method | PSNR (dB) | SSIM | MAE | HU-MAE body | seconds ({device}) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    summary: dict = {"device": device, "ckpt_dir": str(ckpt_dir), "network_configs": net_cfgs, "crop": crop,
+                     "num_inference_steps": num_inference_steps, "num_samples": num_samples,
+                     "posterior_steps": posterior_steps, "sliding_window": sliding_window, "cases": {}}
+    for entry in read_datalist(datalist, "validation"):
+        modality = entry.get("modality", "ct")
+        name = Path(entry["image"]).name.split(".")[0]
+        ref = load_volume(entry["image"])
+        affine, x = np.asarray(ref.affine), ref.as_tensor()[0].double()
+        if crop is not None:
+            x, affine = centre_crop(x, affine, crop)
+        for task in [t for t in (tasks or TASKS) if TASKS[t]["modality"] == modality]:
+            if crop is not None and task.startswith("ct_lowdose"):
+                raise ValueError(f"{task}: low-dose noise is made from whole axial slices; run it without crop")
+            task_dir = out_root / name / task
+            y, y_aff = degrade_for_task(task, x, affine, seed)
+            save_volume(x, affine, task_dir / "reference.nii.gz")
+            save_volume(y, y_aff, task_dir / "degraded.nii.gz")
+            restored: dict[str, tuple[torch.Tensor, float]] = {}
+            if "classical" in methods:
+                restored.update(restore_all(task, y, y_aff, spacing_of(affine)))
+            image = MetaTensor(y.float()[None], affine=torch.as_tensor(y_aff))
+            common = {"target_spacing": spacing_of(affine).tolist(), "modality": modality,
+                      "num_inference_steps": num_inference_steps, "seed": seed, "sliding_window": sliding_window,
+                      "device": device, "progress": False}
+            if regression is not None:
+                restored["regression"] = _timed(
+                    lambda: enhance_volume(image, regression, method="regression", **common)[0], device)
+            if ours is not None:
+                if "ours" in methods:
+                    restored["ours"] = _timed(lambda: enhance_volume(image, ours, **common)[0], device)
+                if "ours + data consistency" in methods and task.startswith("ct_sr"):
+                    restored["ours + data consistency"] = _timed(
+                        lambda: enhance_volume(image, ours, consistency=True, **common)[0], device)
+                if "ours mean" in methods and num_samples > 1:
+                    restored[f"ours mean of {num_samples}"] = _timed(
+                        lambda: enhance_volume(image, ours, num_samples=num_samples, **common)[0], device)
+            if posterior_nets is not None:
+                path = task_dir / "posterior.nii.gz"
+                res = restore(str(task_dir / "degraded.nii.gz"), str(path), posterior_nets, **TASKS[task]["operator"],
+                              target_spacing=spacing_of(affine).tolist(), modality=modality,
+                              num_inference_steps=posterior_steps, seed=seed, sliding_window=sliding_window,
+                              device=device)
+                restored["posterior (dps)"] = (load_volume(path).as_tensor()[0], res["seconds"])
+            cases, seconds = [], {}
+            for method, (vol, sec) in restored.items():
+                path = task_dir / f"{method.replace(' ', '_').replace('+', 'plus')}.nii.gz"
+                save_volume(vol, affine, path)
+                seconds[method] = sec
+                cases.append({"name": path.name.split(".")[0], "method": method, "output": str(path),
+                              "reference": str(task_dir / "reference.nii.gz"),
+                              "input": str(task_dir / "degraded.nii.gz")})
+            means = evaluate(cases, str(task_dir), modality)["mean_by_method"]
+            shown = tuned_best(means)
+            for m in shown:
+                r = means[m]
+                hu = f"{r['hu_mae_body']:.1f}" if "hu_mae_body" in r else "-"
+                mae_txt = f"{r['mae']:.1f} HU" if modality == "ct" else f"{r['mae']:.4f}"
+                lines.append(f"| {name} | {task} | {m} | {r['psnr']:.2f} | {r['ssim']:.4f} | {mae_txt} | {hu} | "
+                             f"{seconds[m]:.1f} |")
+            _task_montage(restored, shown, means, x, y, y_aff, affine, modality, task_dir / f"{task}.png", task)
+            summary["cases"][f"{name}/{task}"] = {"metrics": {m: means[m] for m in shown},
+                                                  "seconds": {m: seconds[m] for m in shown},
+                                                  "in_training_range": TASKS[task]["in_training_range"]}
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "results.md").write_text("\n".join(lines) + "\n")
+    (out_root / "results.json").write_text(json.dumps(summary, indent=2))
+    print("\n".join(lines))
+    return summary
+
+
+def _task_montage(restored: dict, shown: list[str], means: dict, x: torch.Tensor, y: torch.Tensor,
+                  y_aff: np.ndarray, affine: np.ndarray, modality: str, path: Path, task: str) -> None:
+    """Input (on the reference grid), the best classical method, the regression peer, ours, the reference."""
+    networks = {"regression", "ours", "ours + data consistency", "posterior (dps)"}
+    classical = [m for m in shown if m not in networks and not m.startswith("ours") and m != "degraded input"]
+    panels = {"input": y if y.shape == x.shape else resample(y, y_aff, spacing_of(affine), "trilinear")[0]}
+    if classical:
+        best = max(classical, key=lambda m: means[m]["psnr"])
+        panels[best] = restored[best][0]
+    for m in ("regression", "ours"):
+        if m in restored:
+            panels[m] = restored[m][0]
+    panels["reference"] = x
+    montage(panels, affine, path, display_window(x.numpy(), modality), title=task)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(run)
