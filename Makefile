@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench study clean
 
 install: $(STAMP)
 
@@ -26,6 +26,33 @@ bench: $(STAMP)
 	$(PY) -m scripts.bench all
 	$(PY) -m scripts.bench enhance
 	$(PY) -m scripts.bench posterior
+
+# CPU study (about 1.5 h on 2 cores): small networks trained on lung1's training region, then the results table
+# on its held-out region. It measures the design choices (data consistency, posterior sampling); it is not the
+# shipped model. Needs ../shared/data. Logs and outputs in outputs/study/.
+S := outputs/study
+RUN := $(PY) -m monai.bundle run
+SMALL := 'configs/small.json','configs/fast_pairs.json'
+study: $(STAMP)
+	mkdir -p $(S)/logs
+	$(PY) -m scripts.datalist regions ../shared/data $(S)/regions --volumes "{'lung1_image.nrrd': 'ct'}"
+	$(RUN) training --config_file "['configs/train_autoencoder.json',$(SMALL)]" --datalist $(S)/regions/datalist.json \
+	    --ckpt_dir $(S)/models --output_dir $(S)/autoencoder --max_epochs 16 --epoch_length 50 --val_interval 4 \
+	    --lr 0.0005 > $(S)/logs/autoencoder.log 2>&1
+	$(RUN) --config_file "['configs/prepare_latents.json',$(SMALL)]" --datalist $(S)/regions/datalist.json \
+	    --ckpt_dir $(S)/models --output_dir $(S)/latents > $(S)/logs/latents.log 2>&1
+	$(RUN) training --config_file "['configs/train_diffusion.json',$(SMALL)]" --datalist $(S)/latents/datalist_latents.json \
+	    --ckpt_dir $(S)/models --output_dir $(S)/diffusion --max_epochs 60 --epoch_length 50 --val_interval 5 \
+	    --lr 0.0005 --ema_decay 0.99 > $(S)/logs/diffusion.log 2>&1
+	$(RUN) training --config_file "['configs/train_controlnet.json',$(SMALL)]" --datalist $(S)/regions/datalist.json \
+	    --ckpt_dir $(S)/models --output_dir $(S)/controlnet --max_epochs 8 --epoch_length 50 --val_interval 2 \
+	    --lr 0.0005 > $(S)/logs/controlnet.log 2>&1
+	$(RUN) training --config_file "['configs/train_regression.json',$(SMALL)]" --datalist $(S)/regions/datalist.json \
+	    --ckpt_dir $(S)/models --output_dir $(S)/regression --max_epochs 8 --epoch_length 50 --val_interval 2 \
+	    --lr 0.001 > $(S)/logs/regression.log 2>&1
+	$(RUN) --config_file configs/results.json --datalist $(S)/regions/datalist.json --ckpt_dir $(S)/models \
+	    --network_configs "['configs/small.json']" --output_dir $(S)/results --crop "[256,256,-1]" \
+	    --tasks "['ct_sr_5to10mm','ct_blur_gaussian_3mm']" --posterior_steps 25 > $(S)/logs/results.log 2>&1
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
