@@ -53,6 +53,8 @@ study: $(STAMP)
 	$(RUN) --config_file configs/results.json --datalist $(S)/regions/datalist.json --ckpt_dir $(S)/models \
 	    --network_configs "['configs/small.json']" --output_dir $(S)/results --crop "[256,256,-1]" \
 	    --tasks "['ct_sr_5to10mm','ct_blur_gaussian_3mm']" --posterior_steps 25 > $(S)/logs/results.log 2>&1
+	$(PY) -m scripts.figures curves $(S)/curves.png --runs "{'autoencoder': '$(S)/autoencoder', \
+	    'prior': '$(S)/diffusion', 'controlnet': '$(S)/controlnet', 'regression': '$(S)/regression'}"
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

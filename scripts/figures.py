@@ -1,4 +1,8 @@
-"""PNG montages: axial and coronal views of several volumes side by side, in radiological orientation."""
+"""PNG figures: montages (axial and coronal views of several volumes side by side, in radiological orientation)
+and training curves from the TensorBoard logs of the training runs.
+
+``python -m scripts.figures curves outputs/study/curves.png --runs "{'autoencoder': 'outputs/study/autoencoder'}"``
+"""
 
 from __future__ import annotations
 
@@ -67,3 +71,48 @@ def montage(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
+
+
+def training_curves(runs: Mapping[str, str | os.PathLike], path: str | os.PathLike) -> str:
+    """One row per training run (a TensorBoard log folder): the training loss per iteration (with a 25-point
+    running mean) and each validation metric per epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = []
+    for name, folder in runs.items():
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        train = "train_loss" if "train_loss" in tags else "loss"
+        if train not in tags:
+            raise ValueError(f"{folder}: no training loss in the TensorBoard logs (scalars: {tags})")
+        rows.append((name, {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in [train, *sorted(
+            t for t in tags if t.startswith("val_"))]}))
+    ncol = max(len(series) for _, series in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(4.0 * ncol, 2.8 * len(rows)), squeeze=False)
+    for r, (name, series) in enumerate(rows):
+        for c, (tag, points) in enumerate(series.items()):
+            steps, values = np.array(points).T
+            ax = axes[r, c]
+            if c == 0:
+                ax.plot(steps, values, lw=0.5, alpha=0.4, color="C0")
+                k = min(25, len(values))
+                ax.plot(steps[k - 1:], np.convolve(values, np.ones(k) / k, mode="valid"), color="C0")
+                ax.set_xlabel("iteration")
+                ax.set_yscale("log")
+            else:
+                ax.plot(steps, values, "o-", color="C1")
+                ax.set_xlabel("epoch")
+            ax.set_title(f"{name}: {tag}", fontsize=10)
+        for c in range(len(series), ncol):
+            axes[r, c].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"curves": lambda output, runs: training_curves(runs, output)})

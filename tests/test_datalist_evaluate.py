@@ -100,3 +100,22 @@ def test_evaluate_refuses_mismatched_grids(tmp_path):
     nib.save(nib.Nifti1Image(vol, affine), tmp_path / "thick.nii.gz")
     with pytest.raises(VolumeError, match="does not match reference"):
         evaluate([{"output": str(tmp_path / "thick.nii.gz"), "reference": str(ref)}], str(tmp_path / "e"))
+
+
+def test_training_curves_from_tensorboard_logs(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from scripts.figures import training_curves
+
+    for run, tags in {"ae": ("loss", "val_psnr"), "prior": ("train_loss", "val_noise_mse")}.items():
+        writer = SummaryWriter(str(tmp_path / run))
+        for step in range(1, 41):
+            writer.add_scalar(tags[0], 1.0 / step, step)
+        for epoch in range(1, 5):
+            writer.add_scalar(tags[1], float(epoch), epoch)
+        writer.close()
+    out = training_curves({"ae": tmp_path / "ae", "prior": tmp_path / "prior"}, tmp_path / "curves.png")
+    assert out.endswith("curves.png") and (tmp_path / "curves.png").stat().st_size > 10_000
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no training loss"):
+        training_curves({"x": tmp_path / "empty"}, tmp_path / "bad.png")
