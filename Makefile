@@ -52,6 +52,7 @@ study: $(STAMP)
 	    --lr 0.001 > $(S)/logs/regression.log 2>&1
 	$(RUN) --config_file configs/results.json --datalist $(S)/regions/datalist.json --ckpt_dir $(S)/models \
 	    --network_configs "['configs/small.json']" --output_dir $(S)/results --crop "[256,256,-1]" \
+	    --sliding_window "{'roi_size': [256, 256, 32], 'overlap': 0.25, 'sampling_overlap': 0.5}" \
 	    --tasks "['ct_sr_5to10mm','ct_blur_gaussian_3mm']" --posterior_steps 25 > $(S)/logs/results.log 2>&1
 	$(PY) -m scripts.figures curves $(S)/curves.png --runs "{'autoencoder': '$(S)/autoencoder', \
 	    'prior': '$(S)/diffusion', 'controlnet': '$(S)/controlnet', 'regression': '$(S)/regression'}"

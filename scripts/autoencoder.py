@@ -123,12 +123,14 @@ def decode_volume(
                        progress)
 
 
-def pad_for(autoencoder: AutoencoderKL, image: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Edge-pad the spatial dims of ``(B, C, X, Y, Z)`` to a multiple of the downsampling factor; also return
-    the slices that crop the result back."""
+def pad_for(autoencoder: AutoencoderKL, image: torch.Tensor, latent_multiple: int = 1
+            ) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Edge-pad the spatial dims of ``(B, C, X, Y, Z)`` so that the latent grid is a whole number of voxels, and
+    a multiple of ``latent_multiple`` (what a diffusion UNet downsampling the latent needs); also return the
+    slices that crop the result back."""
     f = downsample_factor(autoencoder)
     shape = image.shape[2:]
-    pad = DivisiblePad(k=f, mode="edge", method="end")
+    pad = DivisiblePad(k=f * int(latent_multiple), mode="edge", method="end")
     padded = torch.stack([torch.as_tensor(pad(im)).as_subclass(torch.Tensor) for im in image])
     return padded, (slice(None), slice(None), *[slice(0, n) for n in shape])
 

@@ -79,6 +79,12 @@ class ReseedHandler:
         engine.add_event_handler(Events.STARTED, lambda _: self.transform.set_random_state(self.seed))
 
 
+def unet_divisor(unet: torch.nn.Module) -> int:
+    """What every spatial size of a ``DiffusionModelUNet`` (or ``ControlNet``) input must divide by: 2 per
+    downsampling level, so that the skip connections line up."""
+    return 2 ** (len(unet.block_out_channels) - 1)
+
+
 class ControlledDenoiser(torch.nn.Module):
     """The noise prediction of the prior steered by the ControlNet, as one module of ``(latent, timesteps,
     condition)``: what each sampling step calls, and what ``scripts.export`` traces."""

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from scripts.autoencoder import decode_volume, downsample_factor, pad_for, tiled_apply
 from scripts.baselines import resample
-from scripts.diffusion import ControlledDenoiser
+from scripts.diffusion import ControlledDenoiser, unet_divisor
 from scripts.dicom import new_template, series_template, write_series
 from scripts.grid import apply_along_axis, axis_positions, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
@@ -104,12 +104,15 @@ def sample_latent(
     overlap: float = 0.25,
     halo: int = 4,
     progress: bool = True,
+    unit: int = 1,
 ) -> torch.Tensor:
     """DDIM sampling of a latent for a padded, normalised ``condition`` ``(1, 1, fX, fY, fZ)``; ``denoiser`` maps
     (latent, timesteps, condition) to the noise prediction (``ControlledDenoiser`` or its TorchScript export).
 
     At each step the noise prediction is computed window by window over the whole latent (``tiled_apply``), with
-    the condition folded onto the latent grid so that each window sees its own part of it.
+    the condition folded onto the latent grid so that each window sees its own part of it. Windows, steps and
+    the halo are multiples of ``unit`` latent voxels (``unet_divisor``; the latent must be one too), so that
+    every window, clipped at the volume's edge or not, fits the UNet's downsampling.
     """
     device = condition.device
     cond = space_to_depth(condition, factor)
@@ -125,7 +128,8 @@ def sample_latent(
         return out.float()
 
     for t in tqdm(scheduler.timesteps, desc="denoising steps", disable=not progress):
-        noise_pred = tiled_apply(lambda w: predict(w, t), torch.cat([z, cond], 1), roi_size, 1.0, overlap, halo)
+        noise_pred = tiled_apply(lambda w: predict(w, t), torch.cat([z, cond], 1), roi_size, 1.0, overlap,
+                                 -(-halo // unit) * unit, unit)
         z, _ = scheduler.step(noise_pred, int(t), z)
     return z
 
@@ -172,14 +176,15 @@ def enhance_volume(
     denoiser = (networks["denoiser"] if "denoiser" in networks
                 else ControlledDenoiser(networks["diffusion"], networks["controlnet"])).eval()
     f = downsample_factor(ae)
-    padded, crop = pad_for(ae, normalize(condition, params)[None].to(device))
+    unit = unet_divisor(networks["diffusion"]) if "diffusion" in networks else int(networks["latent_multiple"])
+    padded, crop = pad_for(ae, normalize(condition, params)[None].to(device), unit)
     latent_roi = [max(1, r // f) for r in sw["roi_size"]]
     samples = []
     for k in range(max(1, int(num_samples))):
         gen = torch.Generator().manual_seed(int(seed) + k)
         z = sample_latent(denoiser, networks["scheduler"], padded,
                           ae.latent_channels, f, num_inference_steps, gen, latent_roi, sw["sampling_overlap"],
-                          progress=progress)
+                          progress=progress, unit=unit)
         decoded = decode_volume(ae, z / networks["scale_factor"], latent_roi, sw["overlap"], progress=progress)
         out = denormalize(decoded[crop][0].float().cpu(), params)
         if consistency:

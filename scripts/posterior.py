@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from scripts.autoencoder import downsample_factor, pad_for, tiled_apply
 from scripts.degradations import blur, kspace_truncate
+from scripts.diffusion import unet_divisor
 from scripts.enhance import physical_range, resolve_modality, target_spacing_of
 from scripts.grid import apply_along_axis, fov_grid, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
@@ -127,8 +128,8 @@ def posterior_sample(
     if schedule not in ("constant", "linear"):
         raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
     device = observed.device
-    f = downsample_factor(autoencoder)
-    padded, crop = pad_for(autoencoder, torch.zeros(1, 1, *out_shape, device=device))
+    f, unit = downsample_factor(autoencoder), unet_divisor(diffusion)
+    padded, crop = pad_for(autoencoder, torch.zeros(1, 1, *out_shape, device=device), unit)
     latent_shape = [s // f for s in padded.shape[2:]]
     z = torch.randn((1, diffusion.in_channels, *latent_shape), generator=generator).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
@@ -150,7 +151,8 @@ def posterior_sample(
         ts = t.reshape(1).to(device)
         z = z.detach().requires_grad_(method == "dps")
         with torch.set_grad_enabled(method == "dps"):
-            eps = tiled_apply(_checkpointed(lambda w: diffusion(x=w, timesteps=ts)), z, roi_size, 1.0, overlap, halo)
+            eps = tiled_apply(_checkpointed(lambda w: diffusion(x=w, timesteps=ts)), z, roi_size, 1.0, overlap,
+                              -(-halo // unit) * unit, unit)
             z0 = (z - (1 - ab).sqrt() * eps) / ab.sqrt()
         if method == "dmps":
             z0 = z0.detach().requires_grad_(True)
