@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -160,7 +161,7 @@ def run(
                 restored["posterior (dps)"] = (load_volume(path).as_tensor()[0], res["seconds"])
             cases, seconds = [], {}
             for method, (vol, sec) in restored.items():
-                path = task_dir / f"{method.replace(' ', '_').replace('+', 'plus')}.nii.gz"
+                path = task_dir / f"{re.sub(r'[^A-Za-z0-9]+', '_', method.replace('+', 'plus')).strip('_')}.nii.gz"
                 save_volume(vol, affine, path)
                 seconds[method] = sec
                 cases.append({"name": path.name.split(".")[0], "method": method, "output": str(path),
