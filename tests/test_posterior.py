@@ -77,8 +77,8 @@ def test_guidance_makes_the_re_degraded_output_match_the_input(crops, models):
     scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
         "inference_scheduler_def")
     misfit = {}
-    for name, step in (("unguided", 0.0), ("guided", 0.5)):
-        x = posterior_sample(ae.eval(), prior.eval(), scheduler, 1.0, observed, A, ref.shape, 0.0, 4,
+    for name, step in (("unguided", 0.0), ("guided", 1.0)):
+        x = posterior_sample(ae.eval(), prior.eval(), scheduler, 1.0, observed, A, ref.shape, 0.0, 8,
                              torch.Generator().manual_seed(0), "dmps", step, roi_size=(16, 16, 8), progress=False)
         assert x.shape == (1, 1, *ref.shape)
         misfit[name] = float(torch.linalg.vector_norm(observed - A(x)))
