@@ -72,6 +72,7 @@ def tiled_apply(
     when enabled (posterior sampling wraps ``fn`` in activation checkpointing to keep that bound).
     """
     size = x.shape[2:]
+    halo = -(-int(halo) // unit) * unit  # rounded up to whole units
     roi = [min(int(r), int(s)) // unit * unit or int(s) for r, s in zip(roi_size, size)]
     steps = [max(unit, int(r * (1 - overlap)) // unit * unit) for r in roi]
     grid = list(itertools.product(*[_starts(int(s), r, st) for s, r, st in zip(size, roi, steps)]))

@@ -112,9 +112,9 @@ def split_regions(
     The anatomy's extent is the run of slices where the body (CT) or head (MR) mask of ``scripts.metrics`` covers
     at least 2 % of the slice, so an empty margin (the MNI template's) is not counted as validation data. A band
     of ``gap_mm`` between the two slabs belongs to neither, so training and validation patches never share
-    anatomy; slices above the anatomy are dropped. The slabs are written to ``output_dir`` as NIfTI (the affine keeps their world position) with
-    ``datalist.json`` (``training``/``validation``, each entry with its ``modality``). ``volumes`` maps file names
-    in ``data_dir`` to modalities; by default the three development volumes.
+    anatomy; slices above the anatomy are dropped. The slabs are written to ``output_dir`` as NIfTI (the affine
+    keeps their world position) with ``datalist.json`` (``training``/``validation``, each entry with its
+    ``modality``). ``volumes`` maps file names in ``data_dir`` to modalities; by default the development volumes.
     """
     volumes = volumes or DEVELOPMENT_VOLUMES
     out = Path(output_dir)

@@ -128,8 +128,8 @@ def sample_latent(
         return out.float()
 
     for t in tqdm(scheduler.timesteps, desc="denoising steps", disable=not progress):
-        noise_pred = tiled_apply(lambda w: predict(w, t), torch.cat([z, cond], 1), roi_size, 1.0, overlap,
-                                 -(-halo // unit) * unit, unit)
+        noise_pred = tiled_apply(lambda w: predict(w, t), torch.cat([z, cond], 1), roi_size, 1.0, overlap, halo,
+                                 unit)
         z, _ = scheduler.step(noise_pred, int(t), z)
     return z
 

@@ -152,7 +152,7 @@ def posterior_sample(
         z = z.detach().requires_grad_(method == "dps")
         with torch.set_grad_enabled(method == "dps"):
             eps = tiled_apply(_checkpointed(lambda w: diffusion(x=w, timesteps=ts)), z, roi_size, 1.0, overlap,
-                              -(-halo // unit) * unit, unit)
+                              halo, unit)
             z0 = (z - (1 - ab).sqrt() * eps) / ab.sqrt()
         if method == "dmps":
             z0 = z0.detach().requires_grad_(True)

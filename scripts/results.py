@@ -101,18 +101,22 @@ def run(
     low-dose CT task needs whole axial slices (its noise is made in the projection domain) and refuses a crop.
     """
     net_cfgs = list(network_configs)
+    tasks = list(tasks or TASKS)
+    if crop is not None and any(t.startswith("ct_lowdose") for t in tasks):
+        raise ValueError("ct_lowdose_quarter: low-dose noise is made from whole axial slices; run it without crop")
     ours = posterior_nets = regression = None
     if {"ours", "ours + data consistency", "ours mean"} & set(methods):
         ours = load_networks(["configs/inference.json", *net_cfgs], ckpt_dir, device)
-    if "posterior" in methods:
-        posterior_nets = load_networks(["configs/inference.json", "configs/inference_posterior.json", *net_cfgs],
-                                       ckpt_dir, device)
+    if "posterior" in methods:  # the prior and autoencoder of ``ours`` when loaded; without a ControlNet on their own
+        posterior_nets = ({k: ours[k] for k in ("autoencoder", "diffusion", "scheduler", "scale_factor")} if ours
+                          else load_networks(["configs/inference.json", "configs/inference_posterior.json", *net_cfgs],
+                                             ckpt_dir, device))
     if "regression" in methods:
         regression = load_networks(["configs/inference.json", "configs/inference_regression.json", *net_cfgs],
                                    ckpt_dir, device)
     if sliding_window is None:
-        sliding_window = inference_parser(["configs/inference.json", *net_cfgs], load_networks=False).get_parsed_content(
-            "sliding_window")
+        parser = inference_parser(["configs/inference.json", *net_cfgs], load_networks=False)
+        sliding_window = parser.get_parsed_content("sliding_window")
     out_root = Path(output_dir)
     lines = [f"| volume | task | method | PSNR (dB) | SSIM | MAE | HU-MAE body | seconds ({device}) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -126,9 +130,7 @@ def run(
         affine, x = np.asarray(ref.affine), ref.as_tensor()[0].double()
         if crop is not None:
             x, affine = centre_crop(x, affine, crop)
-        for task in [t for t in (tasks or TASKS) if TASKS[t]["modality"] == modality]:
-            if crop is not None and task.startswith("ct_lowdose"):
-                raise ValueError(f"{task}: low-dose noise is made from whole axial slices; run it without crop")
+        for task in [t for t in tasks if TASKS[t]["modality"] == modality]:
             task_dir = out_root / name / task
             y, y_aff = degrade_for_task(task, x, affine, seed)
             save_volume(x, affine, task_dir / "reference.nii.gz")

@@ -26,5 +26,6 @@ def test_results_table_runs_every_method_and_data_consistency_never_hurts(crops,
     # the data-consistency projection is non-expansive towards a reference that re-degrades to the input
     task = out / "c" / "ct_sr_5to10mm"
     ref = nib.load(task / "reference.nii.gz").get_fdata()
-    err = {m: np.linalg.norm(nib.load(task / f"{m}.nii.gz").get_fdata() - ref) for m in ("ours", "ours_plus_data_consistency")}
+    err = {m: np.linalg.norm(nib.load(task / f"{m}.nii.gz").get_fdata() - ref)
+           for m in ("ours", "ours_plus_data_consistency")}
     assert err["ours_plus_data_consistency"] < err["ours"]
