@@ -124,7 +124,6 @@ def seam_ratio(overlap: float, halo: int, seed: int = 0) -> float:
 
     from scripts.autoencoder import _starts, tiled_apply
     from scripts.diffusion import ControlledDenoiser
-    from scripts.enhance import depth_to_space, space_to_depth
 
     with open("configs/tiny.json") as f:
         tiny = ConfigParser(json.load(f))
@@ -134,14 +133,13 @@ def seam_ratio(overlap: float, halo: int, seed: int = 0) -> float:
         if not p.detach().abs().sum():
             torch.nn.init.normal_(p, std=0.05)
     z = torch.randn(1, 2, 48, 16, 8, generator=torch.Generator().manual_seed(seed + 1))
-    cond = torch.rand(1, 1, 96, 32, 16, generator=torch.Generator().manual_seed(seed + 2))
+    cond = torch.randn(1, 2, 48, 16, 8, generator=torch.Generator().manual_seed(seed + 2))  # encoded condition
     t = torch.tensor([500])
 
     def predict(window: torch.Tensor) -> torch.Tensor:
-        zw, cw = window[:, :2], depth_to_space(window[:, 2:], 2)
-        return ControlledDenoiser(unet, cnet)(zw, t, cw)
+        return ControlledDenoiser(unet, cnet)(window[:, :2], t, window[:, 2:])
 
-    joined = torch.cat([z, space_to_depth(cond, 2)], 1)
+    joined = torch.cat([z, cond], 1)
     with torch.no_grad():
         whole = predict(joined)
         err = (tiled_apply(predict, joined, (16, 16, 8), 1.0, overlap, halo=halo) - whole).abs()[0].mean(dim=(0, 2, 3))
@@ -183,7 +181,8 @@ def enhance_bench(steps: int = 1, config: str = "common", shape: tuple[int, int,
     torch.manual_seed(0)
     networks = {name: parser.get_parsed_content(f"{name}_def").to(device).eval()
                 for name in ("autoencoder", "diffusion", "controlnet")}
-    networks.update(scheduler=parser.get_parsed_content("inference_scheduler_def"), scale_factor=1.0)
+    networks.update(scheduler=parser.get_parsed_content("inference_scheduler_def"), scale_factor=1.0,
+                    encode_condition=cfg["encode_condition"])
     from monai.data import MetaTensor
 
     thick = _volume(tuple(shape))[:, :, ::2][None]

@@ -61,10 +61,18 @@ class FixedDiffusionPrepareBatch(DiffusionPrepareBatch):
         return torch.full((images.shape[0],), self.timestep, dtype=torch.long, device=images.device)
 
 
-def controlnet_from_prior(controlnet: torch.nn.Module, diffusion: torch.nn.Module) -> torch.nn.Module:
+def controlnet_from_prior(controlnet: torch.nn.Module, diffusion: torch.nn.Module,
+                          zero_condition_embedding: bool = True) -> torch.nn.Module:
     """Start the ControlNet from the prior's encoder weights (the ControlNet recipe); its zero-initialised
-    output convolutions make it a no-op at first."""
+    output convolutions make it a no-op at first.
+
+    With ``zero_condition_embedding=False`` the last convolution of the conditioning embedding (which MONAI
+    also zero-initialises) gets a default random initialisation, so the condition reaches the ControlNet's
+    features from the first step instead of only after the output convolutions have grown."""
     controlnet.load_state_dict(diffusion.state_dict(), strict=False)
+    if not zero_condition_embedding:
+        conv = controlnet.controlnet_cond_embedding.conv_out.conv
+        conv.reset_parameters()
     return controlnet
 
 

@@ -1,9 +1,10 @@
 """The main job: enhance a whole CT or MR volume with the latent ControlNet, on the grid the user asks for.
 
 Pipeline: load and check the input (file or DICOM folder) -> resample it onto the FOV-preserving target grid
-(trilinear; the ControlNet's condition) -> normalise -> draw seeded latent noise -> DDIM sampling in which the
-prior, steered by the ControlNet, runs window by window over the latent (condition windows aligned with them)
--> windowed decode -> back to the input's units -> atomic NIfTI write. Memory is bounded by the window settings.
+(trilinear) -> normalise -> encode it window by window (the ControlNet's condition, on the latent grid) -> draw
+seeded latent noise -> DDIM sampling in which the prior, steered by the ControlNet, runs window by window over the
+latent (condition windows aligned with them) -> windowed decode -> back to the input's units -> atomic NIfTI
+write. Memory is bounded by the window settings.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from monai.networks.nets import AutoencoderKL
 from monai.networks.schedulers import Scheduler
 from tqdm import tqdm
 
-from scripts.autoencoder import decode_volume, downsample_factor, pad_for, tiled_apply
+from scripts.autoencoder import decode_volume, downsample_factor, encode_volume, pad_for, tiled_apply
 from scripts.baselines import resample
 from scripts.diffusion import ControlledDenoiser, unet_divisor
 from scripts.dicom import new_template, series_template, write_series
@@ -97,7 +98,7 @@ def sample_latent(
     scheduler: Scheduler,
     condition: torch.Tensor,
     latent_channels: int,
-    factor: int,
+    fold: int,
     num_inference_steps: int,
     generator: torch.Generator,
     roi_size: Sequence[int],
@@ -106,22 +107,25 @@ def sample_latent(
     progress: bool = True,
     unit: int = 1,
 ) -> torch.Tensor:
-    """DDIM sampling of a latent for a padded, normalised ``condition`` ``(1, 1, fX, fY, fZ)``; ``denoiser`` maps
-    (latent, timesteps, condition) to the noise prediction (``ControlledDenoiser`` or its TorchScript export).
+    """DDIM sampling of a latent for a padded ``condition``: the encoded condition on the latent grid
+    (``fold=1``), or the normalised image ``(1, 1, fX, fY, fZ)`` for a ControlNet trained on images (``fold=f``,
+    the autoencoder's downsampling). ``denoiser`` maps (latent, timesteps, condition) to the noise prediction
+    (``ControlledDenoiser`` or its TorchScript export).
 
     At each step the noise prediction is computed window by window over the whole latent (``tiled_apply``), with
-    the condition folded onto the latent grid so that each window sees its own part of it. Windows, steps and
+    the condition (an image folded onto the latent grid) alongside, so that each window sees its own part of it.
+    Windows, steps and
     the halo are multiples of ``unit`` latent voxels (``unet_divisor``; the latent must be one too), so that
     every window, clipped at the volume's edge or not, fits the UNet's downsampling.
     """
     device = condition.device
-    cond = space_to_depth(condition, factor)
+    cond = space_to_depth(condition, fold)
     z = torch.randn((1, latent_channels, *cond.shape[2:]), generator=generator).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
     amp = device.type == "cuda"
 
     def predict(window: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        zw, cw = window[:, :latent_channels], depth_to_space(window[:, latent_channels:], factor)
+        zw, cw = window[:, :latent_channels], depth_to_space(window[:, latent_channels:], fold)
         ts = t.reshape(1).to(device)
         with torch.autocast("cuda", enabled=amp):
             out = denoiser(zw, ts, cw)
@@ -179,11 +183,16 @@ def enhance_volume(
     unit = unet_divisor(networks["diffusion"]) if "diffusion" in networks else int(networks["latent_multiple"])
     padded, crop = pad_for(ae, normalize(condition, params)[None].to(device), unit)
     latent_roi = [max(1, r // f) for r in sw["roi_size"]]
+    fold = f
+    if networks.get("encode_condition", False):
+        with torch.autocast("cuda", enabled=device.type == "cuda"):
+            padded = encode_volume(ae, padded, sw["roi_size"], sw["overlap"], progress=progress).float()
+        padded, fold = padded * networks["scale_factor"], 1
     samples = []
     for k in range(max(1, int(num_samples))):
         gen = torch.Generator().manual_seed(int(seed) + k)
         z = sample_latent(denoiser, networks["scheduler"], padded,
-                          ae.latent_channels, f, num_inference_steps, gen, latent_roi, sw["sampling_overlap"],
+                          ae.latent_channels, fold, num_inference_steps, gen, latent_roi, sw["sampling_overlap"],
                           progress=progress, unit=unit)
         decoded = decode_volume(ae, z / networks["scale_factor"], latent_roi, sw["overlap"], progress=progress)
         out = denormalize(decoded[crop][0].float().cpu(), params)

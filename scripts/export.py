@@ -87,8 +87,9 @@ def denoiser(ckpt_dir: str = "models", filepath: str = "models/denoiser.ts", con
     net = ControlledDenoiser(nets["diffusion"], nets["controlnet"]).eval()
     latent = parser.get_parsed_content("denoiser_example_shape")
     factor = 2 ** (len(parser["autoencoder_def"]["channels"]) - 1)
-    example = (torch.randn(1, *latent), torch.tensor([500]),
-               torch.rand(1, 1, *[s * factor for s in latent[1:]]))
+    condition = (torch.randn(1, *latent) if parser.get_parsed_content("encode_condition")
+                 else torch.rand(1, 1, *[s * factor for s in latent[1:]]))
+    example = (torch.randn(1, *latent), torch.tensor([500]), condition)
     with torch.no_grad():
         traced = torch.jit.trace(net, example, check_trace=False)
     extra = {Path(f).name: json.dumps(ConfigParser.load_config_file(ROOT / f)).encode() for f in files}

@@ -181,6 +181,7 @@ class ControlNetTrainer(Trainer):
         scheduler: Scheduler,
         scale_factor: float,
         condition_key: str = "condition",
+        encode_condition: bool = False,
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
         amp: bool = False,
@@ -192,13 +193,14 @@ class ControlNetTrainer(Trainer):
         self.controlnet, self.optimizer = controlnet, optimizer
         self.diffusion, self.autoencoder = diffusion.eval().requires_grad_(False), autoencoder.eval().requires_grad_(False)
         self.scheduler, self.scale_factor, self.condition_key = scheduler, float(scale_factor), condition_key
+        self.encode_condition = encode_condition
         self.inferer = ControlNetDiffusionInferer(scheduler)
         self.scaler = torch.amp.GradScaler("cuda") if amp else None
 
     def _iteration(self, engine: ControlNetTrainer, batchdata: dict) -> dict:  # type: ignore[override]
         images, noise, timesteps, latents, condition = controlnet_inputs(
             batchdata, engine.state.device, self.autoencoder, self.scheduler, self.scale_factor, self.condition_key,
-            self.amp)
+            self.amp, encode_condition=self.encode_condition)
         self.controlnet.train()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", enabled=self.amp):
@@ -219,13 +221,16 @@ class ControlNetTrainer(Trainer):
 @torch.no_grad()
 def controlnet_inputs(batchdata: dict, device: torch.device, autoencoder: torch.nn.Module, scheduler: Scheduler,
                       scale_factor: float, condition_key: str = "condition", amp: bool = False,
-                      generator: torch.Generator | None = None, timestep: int | None = None) -> tuple:
+                      generator: torch.Generator | None = None, timestep: int | None = None,
+                      encode_condition: bool = False) -> tuple:
     """Clean images, noise, timesteps, scaled latents and condition for one ControlNet step; with ``generator``
     and ``timestep`` the draw is fixed (validation)."""
     images = batchdata["image"].to(device)
     condition = batchdata[condition_key].to(device)
     with torch.autocast("cuda", enabled=amp):
         latents = autoencoder.encode(images)[0].float() * scale_factor
+        if encode_condition:
+            condition = autoencoder.encode(condition)[0].float() * scale_factor
     noise = torch.randn(latents.shape, generator=generator).to(latents) if generator else torch.randn_like(latents)
     if timestep is None:
         timesteps = torch.randint(0, scheduler.num_train_timesteps, (latents.shape[0],), device=device)
@@ -236,28 +241,36 @@ def controlnet_inputs(batchdata: dict, device: torch.device, autoencoder: torch.
 
 class ControlNetEvaluator(Evaluator):
     """Validation of the ControlNet: noise-prediction error on validation pairs with fixed noise (seeded per
-    run) and a fixed timestep, so epochs are comparable. Outputs ``pred`` and ``label`` (the noise)."""
+    run) and a fixed timestep, so epochs are comparable. Outputs ``pred`` and ``label`` (the noise), and
+    ``pred_blind``: the prediction with an all-zero condition. A ControlNet that steers predicts worse without
+    its condition; one whose two errors match has only learnt to adjust the prior (an early phase of training).
+    """
 
     def __init__(self, device: torch.device | str, val_data_loader: Iterable, controlnet: torch.nn.Module,
                  diffusion: torch.nn.Module, autoencoder: torch.nn.Module, scheduler: Scheduler, scale_factor: float,
-                 key_val_metric: dict | None = None, val_handlers: Sequence | None = None,
-                 condition_key: str = "condition", timestep: int | None = None, seed: int = 0) -> None:
+                 key_val_metric: dict | None = None, additional_metrics: dict | None = None,
+                 val_handlers: Sequence | None = None, condition_key: str = "condition",
+                 encode_condition: bool = False, timestep: int | None = None, seed: int = 0) -> None:
         super().__init__(device=device, val_data_loader=val_data_loader, key_val_metric=key_val_metric,
-                         metric_cmp_fn=lambda current, best: current < best, val_handlers=val_handlers)
+                         additional_metrics=additional_metrics, metric_cmp_fn=lambda current, best: current < best,
+                         val_handlers=val_handlers)
         self.controlnet, self.diffusion, self.autoencoder = controlnet, diffusion, autoencoder
         self.scheduler, self.scale_factor, self.condition_key = scheduler, float(scale_factor), condition_key
         self.timestep = scheduler.num_train_timesteps // 2 if timestep is None else timestep
-        self.seed = seed
+        self.seed, self.encode_condition = seed, encode_condition
         self.inferer = ControlNetDiffusionInferer(scheduler)
 
     def _iteration(self, engine: ControlNetEvaluator, batchdata: dict) -> dict:  # type: ignore[override]
         gen = torch.Generator().manual_seed(self.seed + engine.state.iteration)
         images, noise, timesteps, latents, condition = controlnet_inputs(
             batchdata, engine.state.device, self.autoencoder, self.scheduler, self.scale_factor, self.condition_key,
-            generator=gen, timestep=self.timestep)
+            generator=gen, timestep=self.timestep, encode_condition=self.encode_condition)
         self.controlnet.eval()
         with torch.no_grad():
             pred = self.inferer(latents, self.diffusion, self.controlnet, noise, timesteps, cn_cond=condition)
-        engine.state.output = {Keys.IMAGE: images, Keys.PRED: pred.float(), Keys.LABEL: noise}
+            blind = self.inferer(latents, self.diffusion, self.controlnet, noise, timesteps,
+                                 cn_cond=torch.zeros_like(condition))
+        engine.state.output = {Keys.IMAGE: images, Keys.PRED: pred.float(), Keys.LABEL: noise,
+                               "pred_blind": blind.float()}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

@@ -63,6 +63,41 @@ def test_controlnet_trains_on_the_frozen_prior(crops, frozen, tmp_path):
     assert any(not torch.equal(saved[k], cn_before[k]) for k in saved)
 
 
+def test_the_condition_reaches_the_controlnet_from_its_first_step():
+    """MONAI zero-initialises both the ControlNet's output convolutions and its conditioning embedding's last
+    layer: then no gradient reaches the condition path until the outputs have grown, and after a step the
+    prediction still ignores the condition. The bundle re-initialises the embedding's last layer; the ControlNet
+    is a no-op at the start either way."""
+    from monai.inferers import ControlNetDiffusionInferer
+
+    from scripts.diffusion import controlnet_from_prior
+
+    tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
+    scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
+        "scheduler_def")
+    inferer = ControlNetDiffusionInferer(scheduler)
+    gen = torch.Generator().manual_seed(0)
+    latent, noise, cond = (torch.randn(2, 2, 8, 8, 4, generator=gen) for _ in range(3))
+    t = torch.tensor([300, 700])
+    steered = {}
+    for zero in (True, False):
+        torch.manual_seed(0)
+        prior = tiny.get_parsed_content("diffusion_def", lazy=False)
+        for w in prior.parameters():  # as if trained: an untrained prior's zero output layer passes no gradient
+            if not w.detach().abs().sum():
+                torch.nn.init.normal_(w, std=0.05)
+        cn = controlnet_from_prior(tiny.get_parsed_content("controlnet_def", lazy=False), prior, zero)
+        down, mid = cn(x=latent, timesteps=t, controlnet_cond=cond)
+        assert not any(d.abs().sum() for d in down) and not mid.abs().sum()  # a no-op at first
+        opt = torch.optim.SGD(cn.parameters(), lr=0.1)
+        torch.nn.functional.mse_loss(inferer(latent, prior, cn, noise, t, cn_cond=cond), noise).backward()
+        opt.step()
+        with torch.no_grad():
+            pred, blind = (inferer(latent, prior, cn, noise, t, cn_cond=c) for c in (cond, torch.zeros_like(cond)))
+        steered[zero] = float((pred - blind).abs().max())
+    assert steered[True] == 0.0 and steered[False] > 1e-6
+
+
 def test_controlnet_needs_the_earlier_stages(crops, tmp_path):
     parser = parse(crops, tmp_path)
     with pytest.raises(Exception) as err:
@@ -80,7 +115,7 @@ def test_controlnet_two_process_ddp_with_mlflow(crops, frozen, tmp_path):
                    "--output_dir", str(tmp_path / "tb"), "--max_epochs", "1", *tracking(tmp_path / "mlruns.db"))
     assert res.returncode == 0, res.stderr[-3000:]
     run, artifacts = mlflow_record(tmp_path / "mlruns.db")
-    assert {"train_loss", "val_noise_mse"} <= set(run.data.metrics) and run.data.params["max_epochs"] == "1"
+    assert {"train_loss", "val_noise_mse", "val_noise_mse_blind"} <= set(run.data.metrics) and run.data.params["max_epochs"] == "1"
     assert {"controlnet_checkpoint_final.pt", "controlnet.pt"} <= artifacts
     saved = torch.load(tmp_path / "ckpt" / "controlnet.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in saved)

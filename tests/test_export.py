@@ -74,7 +74,7 @@ def test_traced_denoiser_matches_and_the_main_job_runs_from_exported_files(crops
     denoiser(str(weights), str(exported / "denoiser.ts"), config_file=TINY)
     eager = ControlledDenoiser(tiny_net("diffusion", weights), tiny_net("controlnet", weights)).eval()
     ts = torch.jit.load(str(exported / "denoiser.ts"))
-    z, cond = torch.randn(1, 2, 16, 8, 8), torch.rand(1, 1, 32, 16, 16)
+    z, cond = torch.randn(1, 2, 16, 8, 8), torch.randn(1, 2, 16, 8, 8)  # the condition: encoded, on the latent grid
     with torch.no_grad():
         for t in (3, 700):  # the timestep is an input, not a constant of the trace
             torch.testing.assert_close(ts(z, torch.tensor([t]), cond), eager(z, torch.tensor([t]), cond),

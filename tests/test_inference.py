@@ -210,7 +210,8 @@ def test_data_consistency_makes_the_re_degraded_output_match_the_input(crops, we
 def test_a_deeper_prior_runs_on_a_latent_thinner_than_its_downsampling(weights):
     """A prior with three levels needs latent windows divisible by 4: a volume whose latent is 3 voxels deep (and
     windows clipped at its edges) is padded for it, in the main job and in posterior sampling; this crashed in
-    the UNet's skip connections before."""
+    the UNet's skip connections before. Both kinds of ControlNet condition: the encoded input (the bundle's) and
+    the image folded onto the latent grid."""
     from monai.data import MetaTensor
     from monai.networks.nets import ControlNet, DiffusionModelUNet
 
@@ -222,13 +223,15 @@ def test_a_deeper_prior_runs_on_a_latent_thinner_than_its_downsampling(weights):
               "num_res_blocks": 1, "norm_num_groups": 4}
     nets = networks(weights)
     nets["diffusion"] = DiffusionModelUNet(out_channels=2, **levels).eval()
-    nets["controlnet"] = ControlNet(conditioning_embedding_in_channels=1, conditioning_embedding_num_channels=[4, 4],
-                                    **levels).eval()
     image = MetaTensor(torch.rand(1, 20, 36, 6) * 1000 - 500, affine=torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0])))
     window = {"roi_size": [16, 16, 8], "overlap": 0.25, "sampling_overlap": 0.5}
-    out, _, affine, _ = enhance_volume(image, nets, modality="ct", num_inference_steps=2, sliding_window=window,
-                                       progress=False)
-    assert out.shape == (1, 20, 36, 6) and torch.isfinite(out).all()
+    for encoded, channels in ((True, [2, [4]]), (False, [1, [4, 4]])):
+        embedding = dict(zip(("conditioning_embedding_in_channels", "conditioning_embedding_num_channels"), channels))
+        nets["controlnet"] = ControlNet(**embedding, **levels).eval()
+        nets["encode_condition"] = encoded
+        out, _, affine, _ = enhance_volume(image, nets, modality="ct", num_inference_steps=2, sliding_window=window,
+                                           progress=False)
+        assert out.shape == (1, 20, 36, 6) and torch.isfinite(out).all()
     x = posterior_sample(nets["autoencoder"], nets["diffusion"], nets["scheduler"], 1.0, torch.zeros(1, 1, 20, 36, 6),
                          lambda v: v, (20, 36, 6), 0.1, 2, torch.Generator().manual_seed(0), roi_size=[8, 8, 4],
                          progress=False)
