@@ -106,6 +106,7 @@ def sample_latent(
     halo: int = 4,
     progress: bool = True,
     unit: int = 1,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """DDIM sampling of a latent for a padded ``condition``: the encoded condition on the latent grid
     (``fold=1``), or the normalised image ``(1, 1, fX, fY, fZ)`` for a ControlNet trained on images (``fold=f``,
@@ -114,14 +115,25 @@ def sample_latent(
 
     At each step the noise prediction is computed window by window over the whole latent (``tiled_apply``), with
     the condition (an image folded onto the latent grid) alongside, so that each window sees its own part of it.
-    Windows, steps and
-    the halo are multiples of ``unit`` latent voxels (``unet_divisor``; the latent must be one too), so that
-    every window, clipped at the volume's edge or not, fits the UNet's downsampling.
+    Windows, steps and the halo are multiples of ``unit`` latent voxels (``unet_divisor``; the latent must be one
+    too), so that every window, clipped at the volume's edge or not, fits the UNet's downsampling.
+
+    ``strength < 1`` (encoded condition only) starts from the condition's latent noised to the first of the last
+    ``strength`` fraction of the steps, and runs only those (SDEdit): fewer steps, and an output tied closer to
+    the input.
     """
     device = condition.device
     cond = space_to_depth(condition, fold)
     z = torch.randn((1, latent_channels, *cond.shape[2:]), generator=generator).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if strength < 1:
+        if fold != 1 or cond.shape[1] != latent_channels:
+            raise ValueError("strength < 1 starts from the encoded condition: it needs encode_condition")
+        timesteps = timesteps[len(timesteps) - max(1, round(len(timesteps) * strength)):]
+        z = scheduler.add_noise(original_samples=cond, noise=z, timesteps=timesteps[:1])
     amp = device.type == "cuda"
 
     def predict(window: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -131,7 +143,7 @@ def sample_latent(
             out = denoiser(zw, ts, cw)
         return out.float()
 
-    for t in tqdm(scheduler.timesteps, desc="denoising steps", disable=not progress):
+    for t in tqdm(timesteps, desc="denoising steps", disable=not progress):
         noise_pred = tiled_apply(lambda w: predict(w, t), torch.cat([z, cond], 1), roi_size, 1.0, overlap, halo,
                                  unit)
         z, _ = scheduler.step(noise_pred, int(t), z)
@@ -151,6 +163,7 @@ def enhance_volume(
     progress: bool = True,
     method: str = "diffusion",
     consistency: bool = False,
+    strength: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, str]:
     """Enhance a loaded ``(1, X, Y, Z)`` MetaTensor; return the mean, the std map (``num_samples > 1``), the
     output affine and the modality used. Values are in the input's units.
@@ -158,6 +171,7 @@ def enhance_volume(
     ``method='regression'`` runs the supervised peer (``networks['regression']``) with MONAI's sliding window on
     the same condition instead of the latent ControlNet. ``consistency=True`` ends with ``data_consistency``
     against the input (super-resolution: the input's slices are box-profile slabs of the output grid).
+    ``strength < 1`` starts sampling from the noised encoded input (see ``sample_latent``).
     """
     device = torch.device(device)
     sw = {"roi_size": [96, 96, 64], "overlap": 0.25, "sampling_overlap": 0.5, **(sliding_window or {})}
@@ -193,7 +207,7 @@ def enhance_volume(
         gen = torch.Generator().manual_seed(int(seed) + k)
         z = sample_latent(denoiser, networks["scheduler"], padded,
                           ae.latent_channels, fold, num_inference_steps, gen, latent_roi, sw["sampling_overlap"],
-                          progress=progress, unit=unit)
+                          progress=progress, unit=unit, strength=strength)
         decoded = decode_volume(ae, z / networks["scale_factor"], latent_roi, sw["overlap"], progress=progress)
         out = denormalize(decoded[crop][0].float().cpu(), params)
         if consistency:
@@ -255,6 +269,7 @@ def enhance(
     method: str = "diffusion",
     consistency: bool = False,
     output_dicom: str = "",
+    strength: float = 1.0,
 ) -> dict:
     """Enhance one file or DICOM series into ``output_image`` (NIfTI, atomic), plus ``*_std.nii.gz`` when
     ``num_samples > 1`` and a derived DICOM series in the folder ``output_dicom`` when given (patient and study
@@ -270,7 +285,7 @@ def enhance(
     image = load_volume(input_image, series_uid=series_uid)
     mean, std, affine, modality = enhance_volume(image, networks, target_spacing, modality, num_inference_steps,
                                                  seed, num_samples, sliding_window, device, method=method,
-                                                 consistency=consistency)
+                                                 consistency=consistency, strength=strength)
     outputs = {}
     try:
         if output_dicom:

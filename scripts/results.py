@@ -43,7 +43,8 @@ TASKS: dict[str, dict] = {
                                                             "sigma_mm": 3.0}, "in_training_range": False},
     "mr_rician5": {"modality": "mr", "operator": {"operator": "identity"}, "in_training_range": True},
 }
-METHODS = ("classical", "regression", "ours", "ours + data consistency", "ours mean", "posterior")
+METHODS = ("classical", "regression", "ours", "ours + data consistency", "ours from the input", "ours mean",
+           "posterior")
 
 
 def load_networks(config_files: Sequence[str], ckpt_dir: str, device: str) -> dict | None:
@@ -94,18 +95,20 @@ def run(
     device: str = "cpu",
     seed: int = 0,
     crop: Sequence[int] | None = None,
+    strength: float = 0.5,
 ) -> dict:
     """Run, score and time every method on every validation volume; write ``results.md``/``results.json``.
 
     ``crop`` (voxels per axis, -1 for all) keeps the centre of each validation volume, to shorten CPU runs; the
     low-dose CT task needs whole axial slices (its noise is made in the projection domain) and refuses a crop.
+    "ours from the input" starts sampling from the noised encoded input at ``strength`` (``--strength``).
     """
     net_cfgs = list(network_configs)
     tasks = list(tasks or TASKS)
     if crop is not None and any(t.startswith("ct_lowdose") for t in tasks):
         raise ValueError("ct_lowdose_quarter: low-dose noise is made from whole axial slices; run it without crop")
     ours = posterior_nets = regression = None
-    if {"ours", "ours + data consistency", "ours mean"} & set(methods):
+    if {"ours", "ours + data consistency", "ours from the input", "ours mean"} & set(methods):
         ours = load_networks(["configs/inference.json", *net_cfgs], ckpt_dir, device)
     if "posterior" in methods:  # the prior and autoencoder of ``ours`` when loaded; without a ControlNet on their own
         posterior_nets = ({k: ours[k] for k in ("autoencoder", "diffusion", "scheduler", "scale_factor")} if ours
@@ -122,7 +125,8 @@ def run(
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     summary: dict = {"device": device, "ckpt_dir": str(ckpt_dir), "network_configs": net_cfgs, "crop": crop,
                      "num_inference_steps": num_inference_steps, "num_samples": num_samples,
-                     "posterior_steps": posterior_steps, "sliding_window": sliding_window, "cases": {}}
+                     "posterior_steps": posterior_steps, "strength": strength, "sliding_window": sliding_window,
+                     "cases": {}}
     for entry in read_datalist(datalist, "validation"):
         modality = entry.get("modality", "ct")
         name = Path(entry["image"]).name.split(".")[0]
@@ -151,6 +155,9 @@ def run(
                 if "ours + data consistency" in methods and task.startswith("ct_sr"):
                     restored["ours + data consistency"] = _timed(
                         lambda: enhance_volume(image, ours, consistency=True, **common)[0], device)
+                if "ours from the input" in methods and ours.get("encode_condition"):
+                    restored[f"ours, strength {strength:g}"] = _timed(
+                        lambda: enhance_volume(image, ours, strength=strength, **common)[0], device)
                 if "ours mean" in methods and num_samples > 1:
                     restored[f"ours mean of {num_samples}"] = _timed(
                         lambda: enhance_volume(image, ours, num_samples=num_samples, **common)[0], device)

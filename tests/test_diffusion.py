@@ -52,6 +52,19 @@ def test_prior_trains_on_scaled_latents_and_keeps_an_ema(latents, tmp_path):
     assert {"diffusion", "ema_diffusion", "optimizer", "lr_scheduler", "trainer"} <= set(state)
 
 
+def test_validation_pads_a_thin_latent_only_to_the_prior_divisor(tmp_path):
+    """A held-out region 3 latent slices deep was padded to the 8 of the patch, so most of the validation patch
+    was replicated padding (an easy target that flattered the validation loss); now it is cropped to the patch
+    where larger and padded only to what the UNet needs."""
+    (tmp_path / "autoencoder_scale.json").write_text(json.dumps({"scale_factor": 1.0}))
+    torch.save({"latent": torch.randn(2, 20, 12, 3)}, tmp_path / "thin_latent.pt")
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / c) for c in CONFIGS])
+    parser.update({"bundle_root": str(ROOT), "ckpt_dir": str(tmp_path)})
+    item = parser.get_parsed_content("validate#preprocessing")({"latent": str(tmp_path / "thin_latent.pt")})
+    assert tuple(item["image"].shape) == (2, 16, 12, 4)  # tiny prior: 2 levels, divisor 2
+
+
 def test_prior_resumes_with_its_ema(latents, tmp_path):
     ckpt = tmp_path / "ckpt"
     run_diffusion(latents, ckpt, stop_after_epoch=2, max_epochs=3)

@@ -236,3 +236,32 @@ def test_a_deeper_prior_runs_on_a_latent_thinner_than_its_downsampling(weights):
                          lambda v: v, (20, 36, 6), 0.1, 2, torch.Generator().manual_seed(0), roi_size=[8, 8, 4],
                          progress=False)
     assert x.shape == (1, 1, 20, 36, 6)
+
+
+def test_strength_starts_from_the_noised_encoded_input_and_runs_only_the_last_steps():
+    """SDEdit start: with ``strength`` 0.1 of 20 steps, 2 steps run from the condition's latent noised to the
+    first of them, and the sample stays near it; at strength 1 all 20 run from pure noise."""
+    from monai.bundle import ConfigParser
+
+    from scripts.enhance import sample_latent
+
+    scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
+        "inference_scheduler_def")
+    cond = torch.randn(1, 2, 8, 8, 4, generator=torch.Generator().manual_seed(1))
+    seen: list[int] = []
+
+    def denoiser(z: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        seen.append(int(t))
+        return torch.zeros_like(z)  # a prior that predicts no noise: the sample follows its start
+
+    dist = {}
+    for strength in (0.1, 1.0):
+        seen.clear()
+        z = sample_latent(denoiser, scheduler, cond, 2, 1, 20, torch.Generator().manual_seed(0), [8, 8, 4],
+                          progress=False, strength=strength)
+        dist[strength] = float((z - cond).norm() / cond.norm())
+        assert len(seen) == round(20 * strength)
+    assert dist[0.1] < 0.5 and dist[1.0] > 10 * dist[0.1]
+    with pytest.raises(ValueError, match="encode_condition"):
+        sample_latent(denoiser, scheduler, torch.rand(1, 1, 16, 16, 8), 2, 2, 20, torch.Generator(), [8, 8, 4],
+                      progress=False, strength=0.5)
