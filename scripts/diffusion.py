@@ -71,8 +71,7 @@ def controlnet_from_prior(controlnet: torch.nn.Module, diffusion: torch.nn.Modul
     features from the first step instead of only after the output convolutions have grown."""
     controlnet.load_state_dict(diffusion.state_dict(), strict=False)
     if not zero_condition_embedding:
-        conv = controlnet.controlnet_cond_embedding.conv_out.conv
-        conv.reset_parameters()
+        controlnet.controlnet_cond_embedding.conv_out.conv.reset_parameters()
     return controlnet
 
 

@@ -115,7 +115,8 @@ def test_controlnet_two_process_ddp_with_mlflow(crops, frozen, tmp_path):
                    "--output_dir", str(tmp_path / "tb"), "--max_epochs", "1", *tracking(tmp_path / "mlruns.db"))
     assert res.returncode == 0, res.stderr[-3000:]
     run, artifacts = mlflow_record(tmp_path / "mlruns.db")
-    assert {"train_loss", "val_noise_mse", "val_noise_mse_blind"} <= set(run.data.metrics) and run.data.params["max_epochs"] == "1"
+    assert {"train_loss", "val_noise_mse", "val_noise_mse_blind"} <= set(run.data.metrics)
+    assert run.data.params["max_epochs"] == "1"
     assert {"controlnet_checkpoint_final.pt", "controlnet.pt"} <= artifacts
     saved = torch.load(tmp_path / "ckpt" / "controlnet.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in saved)
