@@ -37,7 +37,7 @@ class ReconstructionInferer(Inferer):
     """Whole-volume reconstruction through ``reconstruct_volume``, for evaluators: the same windowed path as
     inference, so validation measures what users get."""
 
-    def __init__(self, roi_size: Sequence[int] = (96, 96, 64), overlap: float = 0.25) -> None:
+    def __init__(self, roi_size: Sequence[int] = (128, 128, 32), overlap: float = 0.25) -> None:
         super().__init__()
         self.roi_size, self.overlap = roi_size, overlap
 
@@ -99,7 +99,7 @@ def tiled_apply(
 def encode_volume(
     autoencoder: AutoencoderKL,
     image: torch.Tensor,
-    roi_size: Sequence[int] = (96, 96, 64),
+    roi_size: Sequence[int] = (128, 128, 32),
     overlap: float = 0.25,
     halo: int = 16,
     progress: bool = False,
@@ -114,7 +114,7 @@ def encode_volume(
 def decode_volume(
     autoencoder: AutoencoderKL,
     latent: torch.Tensor,
-    roi_size: Sequence[int] = (24, 24, 16),
+    roi_size: Sequence[int] = (32, 32, 8),
     overlap: float = 0.25,
     halo: int = 4,
     progress: bool = False,
@@ -139,7 +139,7 @@ def pad_for(autoencoder: AutoencoderKL, image: torch.Tensor, latent_multiple: in
 def reconstruct_volume(
     autoencoder: AutoencoderKL,
     image: torch.Tensor,
-    roi_size: Sequence[int] = (96, 96, 64),
+    roi_size: Sequence[int] = (128, 128, 32),
     overlap: float = 0.25,
 ) -> torch.Tensor:
     """Encode and decode a whole volume window by window; same shape as ``image``."""
@@ -203,7 +203,7 @@ def prepare_latents(
     datalist: str,
     output_dir: str,
     modality: str = "ct",
-    roi_size: Sequence[int] = (96, 96, 64),
+    roi_size: Sequence[int] = (128, 128, 32),
     overlap: float = 0.25,
     device: torch.device | str = "cpu",
     keys: Sequence[str] = ("training", "validation"),

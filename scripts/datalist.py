@@ -5,6 +5,9 @@ writes ``training`` (with ``fold``), ``validation`` and ``testing`` lists in whi
 
 ``python -m scripts.datalist regions DATA_DIR OUTPUT_DIR`` holds out a slab of every volume instead, for data
 with too few patients to split (the development volumes in ``../shared/data``).
+
+``python -m scripts.datalist fill datalist.json --patch_size "[128,128,32]"`` says how much of a training patch
+each volume fills, the rest being padding.
 """
 
 from __future__ import annotations
@@ -171,10 +174,30 @@ def read_datalist(
     return items
 
 
+def patch_fill(datalist: str, patch_size: Sequence[int], key: str = "training") -> dict[str, tuple]:
+    """Shape of each volume of ``key`` and the share of a ``patch_size`` patch that it fills with data. Along an
+    axis where a volume is smaller than the patch every patch is padded (with air for training pairs, with the
+    edge for the prior's latents): compute spent on padding, and a boundary the networks learn that real data
+    lack."""
+    fills = {}
+    for item in read_datalist(datalist, key):
+        shape = tuple(load_volume(item["image"]).shape[1:])
+        fills[Path(item["image"]).name] = (shape, float(np.prod([min(1.0, s / p) for s, p in zip(shape, patch_size)])))
+    return fills
+
+
+def print_patch_fill(datalist: str, patch_size: Sequence[int], key: str = "training") -> None:
+    """``python -m scripts.datalist fill``: ``patch_fill`` as a table."""
+    fills = patch_fill(datalist, patch_size, key)
+    for name, (shape, fill) in fills.items():
+        print(f"{name:<36} {str(shape):<18} fill {fill:.2f}")
+    print(f"mean fill of a {tuple(patch_size)} patch over '{key}': {np.mean([f for _, f in fills.values()]):.2f}")
+
+
 def main() -> None:
     import fire
 
-    fire.Fire({"make": make_datalist, "regions": split_regions})
+    fire.Fire({"make": make_datalist, "regions": split_regions, "fill": print_patch_fill})
 
 
 if __name__ == "__main__":

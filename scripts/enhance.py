@@ -174,7 +174,7 @@ def enhance_volume(
     ``strength < 1`` starts sampling from the noised encoded input (see ``sample_latent``).
     """
     device = torch.device(device)
-    sw = {"roi_size": [96, 96, 64], "overlap": 0.25, "sampling_overlap": 0.5, **(sliding_window or {})}
+    sw = {"roi_size": [256, 256, 32], "overlap": 0.25, "sampling_overlap": 0.5, **(sliding_window or {})}
     if method not in ("diffusion", "regression"):
         raise ValueError(f"method must be 'diffusion' or 'regression', got {method!r}")
     modality = resolve_modality(image, modality)

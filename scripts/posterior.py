@@ -116,7 +116,7 @@ def posterior_sample(
     schedule: str = "linear",
     refine_iters: int = 0,
     refine_lr: float = 0.2,
-    roi_size: Sequence[int] = (24, 24, 16),
+    roi_size: Sequence[int] = (32, 32, 8),
     overlap: float = 0.5,
     halo: int = 4,
     record: Callable[[int, torch.Tensor], None] | None = None,
@@ -245,7 +245,7 @@ def restore(
     observed = normalize(image.as_tensor().float(), params)[None].to(device)
     unit = 1.0 / float(params["scale"])  # one unit of the input in normalised values
     sigma = estimate_noise(observed) if noise_sigma is None else float(noise_sigma) * unit
-    sw = {"roi_size": [96, 96, 64], "sampling_overlap": 0.5, **(sliding_window or {})}
+    sw = {"roi_size": [256, 256, 32], "sampling_overlap": 0.5, **(sliding_window or {})}
     f = downsample_factor(networks["autoencoder"])
     recorder = Recorder(record) if record else None
     x = posterior_sample(

@@ -138,3 +138,13 @@ def test_autoencoder_and_controlnet_data_formats_match_the_networks():
         pred = common.get_parsed_content("diffusion_def").eval()(
             latent, torch.tensor([500]), down_block_additional_residuals=down, mid_block_additional_residual=mid)
     check_tensor(pred, data_format("network")["outputs"]["pred"], n)
+
+
+def test_the_shipped_networks_fit_the_weight_budget():
+    """The networks of common.json are what models/ ships: together at most 150 MB of float32 weights."""
+    from monai.bundle import ConfigParser
+
+    common = ConfigParser(json.loads(COMMON.read_text()))
+    sizes = {name: 4 * sum(p.numel() for p in common.get_parsed_content(f"{name}_def").parameters())
+             for name in ("autoencoder", "diffusion", "controlnet", "regression")}
+    assert sum(sizes.values()) <= 150e6, sizes

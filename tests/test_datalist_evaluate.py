@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.datalist import make_datalist, read_datalist, split_regions
+from scripts.datalist import make_datalist, patch_fill, read_datalist, split_regions
 from scripts.evaluate import evaluate
 from scripts.volumes import VolumeError
 from tests.conftest import ct_phantom
@@ -76,6 +76,11 @@ def test_region_split_holds_out_the_top_of_the_anatomy_with_a_gap(tmp_path):
         np.testing.assert_array_equal(np.asarray(img.dataobj), vol[:, :, start:start + img.shape[2]])
     with pytest.raises(ValueError, match="too few"):
         split_regions(str(tmp_path), str(tmp_path / "r2"), {"ct.nii.gz": "ct"}, val_fraction=0.5, gap_mm=40.0)
+    # the 40x40x16 training slab fills a 32x32x32 patch to half its depth, the 6-slice validation slab to 3/16
+    fills = {k: patch_fill(str(tmp_path / "regions" / "datalist.json"), (32, 32, 32), k)
+             for k in ("training", "validation")}
+    assert fills == {"training": {"ct_training.nii.gz": ((40, 40, 16), 0.5)},
+                     "validation": {"ct_validation.nii.gz": ((40, 40, 6), 6 / 32)}}
 
 
 def test_evaluate_writes_json_csv_and_montages(tmp_path):
