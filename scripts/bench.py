@@ -56,7 +56,8 @@ def _case(name: str, queue: mp.Queue) -> None:
 
 
 def _autoencoder_cases() -> dict:
-    """The full-size autoencoder of configs/common.json: one training step and one decode window."""
+    """The full-size autoencoder of configs/common.json: one training step on a patch and one decoded inference
+    window."""
     import json
 
     from monai.bundle import ConfigParser
@@ -69,7 +70,7 @@ def _autoencoder_cases() -> dict:
     ae = parser.get_parsed_content("ae")
     patch = common["patch_size"]
     f = downsample_factor(ae)
-    latent_roi = [p // f for p in patch]
+    latent_roi = [r // f for r in common["sliding_window"]["roi_size"]]  # one inference window
 
     def train_step():
         x = torch.rand(1, 1, *patch)
