@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) -m scripts.bench all
 	$(PY) -m scripts.bench enhance
 	$(PY) -m scripts.bench posterior
+	$(PY) -m scripts.bench demo
 
 # CPU study (about 1.5 h on 2 cores): small networks trained on lung1's training region, then the results table
 # on its held-out region. It measures the design choices (data consistency, posterior sampling); it is not the

@@ -244,6 +244,33 @@ def posterior_bench(shape: tuple[int, int, int] = (96, 96, 64), steps: int = 1) 
         print(f"{method:<6} {(time.perf_counter() - t0) / steps:9.1f} s/step  peak process memory {peak:.2f} GiB")
 
 
+def demo_bench(steps: int = 10) -> None:
+    """``python -m scripts.bench demo``: wall time of the demo with ours included, as a user's ``make demo`` would
+    run it once ``models/`` holds trained weights: random weights of ``configs/common.json``'s networks in a
+    temporary ``ckpt_dir`` (speed does not depend on them), the whole ``monai.bundle run`` process timed."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    with open("configs/common.json") as f:
+        common = ConfigParser(json.load(f))
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        for name in ("autoencoder", "diffusion", "controlnet"):
+            torch.save(common.get_parsed_content(f"{name}_def").state_dict(), Path(d) / f"{name}.pt")
+        (Path(d) / "autoencoder_scale.json").write_text(json.dumps({"scale_factor": 1.0}))
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/demo.json",
+                        "--ckpt_dir", d, "--output_dir", str(Path(d) / "demo"), "--num_inference_steps", str(steps)],
+                       check=True, capture_output=True)
+        print(f"demo (both tasks, classical + ours with {steps} DDIM steps, random weights): "
+              f"{time.perf_counter() - t0:.1f} s wall, {torch.get_num_threads()} torch threads")
+
+
 def main() -> None:
     ctx = mp.get_context("spawn")
     print(f"volume {SHAPE}, spacing {SPACING} mm; {platform.processor() or platform.machine()}, "
@@ -262,4 +289,5 @@ def main() -> None:
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"all": main, "seams": seams, "enhance": enhance_bench, "posterior": posterior_bench})
+    fire.Fire({"all": main, "seams": seams, "enhance": enhance_bench, "posterior": posterior_bench,
+               "demo": demo_bench})
