@@ -1,15 +1,26 @@
-"""Stage 2 helpers MONAI lacks: cached-latent loading, an EMA of the weights, deterministic validation batches."""
+"""Stage 2 helpers MONAI lacks: cached-latent loading, an EMA of the weights, deterministic validation batches,
+samples from the prior in TensorBoard."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.engines import DiffusionPrepareBatch
+from monai.inferers import LatentDiffusionInferer
+from monai.networks.schedulers import Scheduler
 from monai.transforms import MapTransform
+from monai.visualize import plot_2d_or_3d_image
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.tensorboard import SummaryWriter
+
+from scripts.autoencoder import load_autoencoder_weights
+
+logger = logging.getLogger(__name__)
 
 
 class LoadLatentd(MapTransform):
@@ -104,3 +115,46 @@ class ControlledDenoiser(torch.nn.Module):
         down, mid = self.controlnet(x=x, timesteps=timesteps, controlnet_cond=condition)
         return self.diffusion(x=x, timesteps=timesteps, down_block_additional_residuals=down,
                               mid_block_additional_residual=mid)
+
+
+class PriorSampleHandler:
+    """After each validation, draw one latent patch from the prior under validation (seeded, so epochs compare),
+    decode it with the stage-1 autoencoder and log it to TensorBoard as ``prior_sample`` (an animation along z):
+    what the prior generates from pure noise, which its noise-prediction error at one timestep does not show.
+
+    The autoencoder's weights are read from ``autoencoder_path`` at the first validation; without them the
+    handler logs a warning once and does nothing."""
+
+    def __init__(self, diffusion: torch.nn.Module, autoencoder_def: torch.nn.Module, autoencoder_path: str,
+                 scheduler: Scheduler, scale_factor: float, latent_shape: Sequence[int], log_dir: str,
+                 num_inference_steps: int = 25, seed: int = 0) -> None:
+        self.diffusion, self.autoencoder, self.autoencoder_path = diffusion, autoencoder_def, autoencoder_path
+        scheduler.set_timesteps(num_inference_steps)
+        self.inferer = LatentDiffusionInferer(scheduler, scale_factor=float(scale_factor))
+        self.latent_shape, self.log_dir, self.seed = list(latent_shape), log_dir, seed
+        self.loaded: bool | None = None
+        self.writer: SummaryWriter | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if self.loaded is None:
+            self.loaded = Path(self.autoencoder_path).is_file()
+            if not self.loaded:
+                logger.warning("%s not found: no prior samples in TensorBoard", self.autoencoder_path)
+                return
+            load_autoencoder_weights(self.autoencoder, self.autoencoder_path)
+            self.autoencoder.to(engine.state.device).eval()
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+        if not self.loaded:
+            return
+        gen = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn((1, self.diffusion.in_channels, *self.latent_shape), generator=gen)
+        was_training = self.diffusion.training
+        self.diffusion.eval()
+        image = self.inferer.sample(noise.to(engine.state.device), self.autoencoder, self.diffusion, verbose=False)
+        self.diffusion.train(was_training)
+        plot_2d_or_3d_image(image.float().cpu(), step=engine.state.epoch, writer=self.writer, frame_dim=-1,
+                            tag="prior_sample")
+        self.writer.flush()

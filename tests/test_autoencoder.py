@@ -62,6 +62,17 @@ def test_tiny_training_loss_falls_and_writes_checkpoints(trained):
     load_autoencoder_weights(tiny_autoencoder(), ckpt / "autoencoder.pt")
 
 
+def test_validation_logs_input_and_reconstruction_images(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained[0] / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    for name in ("input_0", "output"):  # TensorBoardImageHandler's tags: the validation input and its reconstruction
+        (tag,) = [t for t in tags if t.startswith(name)]
+        assert [e.step for e in events.Images(tag)] == [1, 2, 3]  # one per validation (every epoch in tiny.json)
+
+
 def test_resume_continues_iterations_and_learning_rate(crops, trained, tmp_path):
     _, full_trainer, _, full_parser = trained
     ckpt = tmp_path / "ckpt"

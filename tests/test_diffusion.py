@@ -52,6 +52,20 @@ def test_prior_trains_on_scaled_latents_and_keeps_an_ema(latents, tmp_path):
     assert {"diffusion", "ema_diffusion", "optimizer", "lr_scheduler", "trainer"} <= set(state)
 
 
+def test_each_validation_logs_a_decoded_sample_of_the_prior(latents, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save(tiny_autoencoder().state_dict(), ckpt / "autoencoder.pt")
+    run_diffusion(latents, ckpt, max_epochs=2)
+    events = EventAccumulator(str(ckpt / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    tags = [t for t in events.Tags()["images"] if t.startswith("prior_sample")]
+    assert tags and len(events.Images(tags[0])) == 2  # one per validation, at epochs 1 and 2
+    assert [e.step for e in events.Images(tags[0])] == [1, 2]
+
+
 def test_validation_pads_a_thin_latent_only_to_the_prior_divisor(tmp_path):
     """A held-out region 3 latent slices deep was padded to the 8 of the patch, so most of the validation patch
     was replicated padding (an easy target that flattered the validation loss); now it is cropped to the patch
