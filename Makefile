@@ -23,6 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
+	$(PY) -m scripts.bench sizes
 	$(PY) -m scripts.bench all
 	$(PY) -m scripts.bench enhance
 	$(PY) -m scripts.bench posterior

@@ -1,4 +1,5 @@
-"""``make bench``: seconds and peak memory of the degradations and classical baselines on a 256x256x128 volume.
+"""``make bench``: seconds and peak memory of the degradations and classical baselines on a 256x256x128 volume,
+and of the main job, posterior sampling and the demo; the size of the shipped networks' weights.
 
 Each case runs in a fresh process; peak memory is that process's maximum resident set size minus what it held
 after the imports and the input were ready, so the figures are comparable between cases.
@@ -10,6 +11,7 @@ import multiprocessing as mp
 import platform
 import resource
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -244,6 +246,26 @@ def posterior_bench(shape: tuple[int, int, int] = (96, 96, 64), steps: int = 1) 
         print(f"{method:<6} {(time.perf_counter() - t0) / steps:9.1f} s/step  peak process memory {peak:.2f} GiB")
 
 
+def sizes(config_files: Sequence[str] = ("configs/common.json",)) -> None:
+    """``python -m scripts.bench sizes``: parameters and float32 weight size of each network that ``models/``
+    ships, built from ``config_files`` (later files override earlier ones, as in ``monai.bundle run``)."""
+    import json
+
+    from monai.bundle import ConfigParser
+
+    cfg: dict = {}
+    for path in config_files:
+        with open(path) as f:
+            cfg.update(json.load(f))
+    parser = ConfigParser(cfg)
+    total = 0
+    for name in ("autoencoder", "diffusion", "controlnet", "regression"):
+        n = sum(p.numel() for p in parser.get_parsed_content(f"{name}_def").parameters())
+        total += n
+        print(f"{name:<12} {n / 1e6:7.2f} M parameters {4 * n / 1e6:7.1f} MB float32")
+    print(f"{'total':<12} {total / 1e6:7.2f} M parameters {4 * total / 1e6:7.1f} MB float32 (budget about 150 MB)")
+
+
 def demo_bench(steps: int = 10) -> None:
     """``python -m scripts.bench demo``: wall time of the demo with ours included, as a user's ``make demo`` would
     run it once ``models/`` holds trained weights: random weights of ``configs/common.json``'s networks in a
@@ -290,4 +312,4 @@ if __name__ == "__main__":
     import fire
 
     fire.Fire({"all": main, "seams": seams, "enhance": enhance_bench, "posterior": posterior_bench,
-               "demo": demo_bench})
+               "demo": demo_bench, "sizes": sizes})

@@ -10,13 +10,20 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from ignite.engine import Engine, Events
 from monai.engines import Evaluator, IterationEvents, Trainer
 from monai.inferers import ControlNetDiffusionInferer
 from monai.engines.utils import default_prepare_batch
 from monai.losses import PatchAdversarialLoss
 from monai.networks.schedulers import Scheduler
 from monai.utils import CommonKeys as Keys
+from monai.visualize import plot_2d_or_3d_image
 from torch.optim import Optimizer
+from torch.utils.tensorboard import SummaryWriter
+
+from scripts.autoencoder import downsample_factor
+from scripts.diffusion import ControlledDenoiser, unet_divisor
+from scripts.enhance import sample_latent
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -274,3 +281,45 @@ class ControlNetEvaluator(Evaluator):
                                "pred_blind": blind.float()}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+class RestorationSampleHandler:
+    """After each validation, restore the degraded patch of the last validation pair (the same pair every time:
+    the validation pipeline is reseeded) from pure noise with the ControlNet on the prior (DDIM, seeded), and log
+    ``restoration_condition``, ``restoration_sample`` and ``restoration_target`` to TensorBoard (animations along
+    z): what the ControlNet makes of its condition, which its noise error does not show."""
+
+    def __init__(self, controlnet: torch.nn.Module, diffusion: torch.nn.Module, autoencoder: torch.nn.Module,
+                 scheduler: Scheduler, scale_factor: float, log_dir: str, encode_condition: bool = False,
+                 num_inference_steps: int = 20, condition_key: str = "condition", seed: int = 0) -> None:
+        self.denoiser = ControlledDenoiser(diffusion, controlnet)
+        self.autoencoder, self.scheduler, self.scale_factor = autoencoder, scheduler, float(scale_factor)
+        self.encode_condition, self.num_inference_steps = encode_condition, num_inference_steps
+        self.condition_key, self.seed, self.log_dir = condition_key, seed, log_dir
+        self.writer: SummaryWriter | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    @torch.no_grad()
+    def __call__(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        item = batch[-1] if isinstance(batch, list) else {k: v[-1] for k, v in batch.items()}
+        device = engine.state.device
+        target, condition = item["image"][None].to(device), item[self.condition_key][None].to(device)
+        fold = downsample_factor(self.autoencoder)
+        if self.encode_condition:
+            condition_in, fold = self.autoencoder.encode(condition)[0] * self.scale_factor, 1
+        else:
+            condition_in = condition
+        latent_shape = [s // fold for s in condition_in.shape[2:]]
+        z = sample_latent(self.denoiser, self.scheduler, condition_in, self.autoencoder.latent_channels, fold,
+                          self.num_inference_steps, torch.Generator().manual_seed(self.seed), latent_shape,
+                          progress=False, unit=unet_divisor(self.denoiser.diffusion))
+        restored = self.autoencoder.decode(z / self.scale_factor)
+        if self.writer is None:
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+        for tag, image in (("condition", condition), ("sample", restored), ("target", target)):
+            plot_2d_or_3d_image(image.float().cpu(), step=engine.state.epoch, writer=self.writer, frame_dim=-1,
+                                tag=f"restoration_{tag}")
+        self.writer.flush()

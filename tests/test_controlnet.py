@@ -63,6 +63,14 @@ def test_controlnet_trains_on_the_frozen_prior(crops, frozen, tmp_path):
         torch.testing.assert_close(v, prior_before[k])  # frozen
     saved = torch.load(ckpt / "controlnet.pt", weights_only=True)
     assert any(not torch.equal(saved[k], cn_before[k]) for k in saved)
+    # each validation logs the condition, a restoration sampled from it, and the target as TensorBoard images
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(ckpt / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    for name in ("restoration_condition", "restoration_sample", "restoration_target"):
+        (tag,) = [t for t in events.Tags()["images"] if t.startswith(name)]
+        assert [e.step for e in events.Images(tag)] == [1, 2]
 
 
 def test_the_condition_reaches_the_controlnet_from_its_first_step():
