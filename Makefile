@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench study clean
+.PHONY: install demo test bench study device-kit clean
 
 install: $(STAMP)
 
@@ -58,6 +58,18 @@ study: $(STAMP)
 	    --tasks "['ct_sr_5to10mm','ct_blur_gaussian_3mm']" --posterior_steps 25 > $(S)/logs/results.log 2>&1
 	$(PY) -m scripts.figures curves $(S)/curves.png --runs "{'autoencoder': '$(S)/autoencoder', \
 	    'prior': '$(S)/diffusion', 'controlnet': '$(S)/controlnet', 'regression': '$(S)/regression'}"
+
+# For training on the development GPU machine (the library's device tool; its Python 3.12 has torch but not these):
+# the missing wheels in .whl/ and the development region split in .data/regions/, both git-ignored, about 25 MB
+# to name in `carry`. There: `python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+# export PYTHONPATH=/tmp/site` first, then the training commands with `--datalist .data/regions/datalist.json`.
+DEVICE_WHEELS := monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2 pydicom==3.0.2 pynrrd==1.1.3 fire==0.7.1 \
+	termcolor==3.3.0 PyWavelets==1.8.0
+device-kit: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl $(DEVICE_WHEELS)
+	$(PY) -m scripts.datalist regions ../shared/data .data/regions
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -13,6 +13,7 @@ each volume fills, the rest being padding.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from monai.data import load_decathlon_datalist
 
 from scripts.metrics import MR_MASK_FRACTION, body_mask, mr_scale
 from scripts.volumes import load_volume, save_volume, spacing_of
+
+logger = logging.getLogger(__name__)
 
 DEVELOPMENT_VOLUMES = {"lung1_image.nrrd": "ct", "brain1_image.nrrd": "mr", "mni152_t1_1mm.nii.gz": "mr"}
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -153,7 +156,10 @@ def read_datalist(
     path: str, key: str = "training", base_dir: str | None = None, path_keys: Sequence[str] = ("image",)
 ) -> list[dict]:
     """Entries of ``key`` with absolute paths (``path_keys`` and ``label``, relative to ``dataroot`` or the file's
-    folder); a clear error for a missing file, key, list or path."""
+    folder); a clear error for a missing file, key, list or path.
+
+    A relative ``dataroot`` is taken from the file's folder, and one that does not exist on this machine (a
+    datalist copied with its data to another machine) falls back to that folder, with a warning."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: datalist not found")
@@ -162,6 +168,11 @@ def read_datalist(
     if not raw.get(key):
         raise ValueError(f"{p}: the '{key}' list is missing or empty")
     base = base_dir or raw.get("dataroot") or str(p.parent)
+    if not base_dir and raw.get("dataroot"):
+        base = str(p.parent / base)  # an absolute dataroot stays as it is
+        if not Path(base).is_dir():
+            logger.warning("%s: dataroot %s not found; paths are read from the datalist's folder", p, base)
+            base = str(p.parent)
     items = load_decathlon_datalist(str(p), is_segmentation=False, data_list_key=key, base_dir=base)
     for item in items:
         for k in path_keys:

@@ -76,6 +76,12 @@ def test_region_split_holds_out_the_top_of_the_anatomy_with_a_gap(tmp_path):
         np.testing.assert_array_equal(np.asarray(img.dataobj), vol[:, :, start:start + img.shape[2]])
     with pytest.raises(ValueError, match="too few"):
         split_regions(str(tmp_path), str(tmp_path / "r2"), {"ct.nii.gz": "ct"}, val_fraction=0.5, gap_mm=40.0)
+    # copied with its data to another machine, whose absolute dataroot does not exist there, it still reads
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "regions").rename(moved)
+    (item,) = read_datalist(str(moved / "datalist.json"), "training")
+    assert item["image"] == str(moved / "ct_training.nii.gz")
+    (tmp_path / "elsewhere").rename(tmp_path / "regions")
     # the 40x40x16 training slab fills a 32x32x32 patch to half its depth, the 6-slice validation slab to 3/16
     fills = {k: patch_fill(str(tmp_path / "regions" / "datalist.json"), (32, 32, 32), k)
              for k in ("training", "validation")}
