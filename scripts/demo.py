@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from monai.data import MetaTensor
 
 from scripts.baseline_report import degrade_for_task, restore_all
