@@ -60,7 +60,7 @@ study: $(STAMP)
 	    'prior': '$(S)/diffusion', 'controlnet': '$(S)/controlnet', 'regression': '$(S)/regression'}"
 
 # For training on the development GPU machine (the library's device tool; its Python 3.12 has torch but not these):
-# the missing wheels in .whl/ and the development region split in .data/regions/, both git-ignored, about 25 MB
+# the missing wheels in .whl/ and the development region split in .data/regions/, both git-ignored, about 28 MB
 # to name in `carry`. There: `python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
 # export PYTHONPATH=/tmp/site` first, then the training commands with `--datalist .data/regions/datalist.json`.
 DEVICE_WHEELS := monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2 pydicom==3.0.2 pynrrd==1.1.3 fire==0.7.1 \

@@ -167,32 +167,26 @@ def enhance_bench(steps: int = 1, config: str = "common", shape: tuple[int, int,
     """``python -m scripts.bench enhance``: seconds and peak memory of the main job on a ``shape`` volume with the
     networks of ``configs/<config>.json`` (random weights: speed and memory do not depend on them), ``steps`` DDIM
     steps and the configured windows, 5 mm -> 2.5 mm through-plane; then the classical baselines, same run."""
-    import json
-
     from monai.bundle import ConfigParser
 
     from scripts.baselines import resample
     from scripts.enhance import enhance_volume
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with open("configs/common.json") as f:
-        cfg = json.load(f)
-    if config != "common":
-        with open(f"configs/{config}.json") as f:
-            cfg.update(json.load(f))
-    parser = ConfigParser(cfg)
+    parser = ConfigParser()
+    parser.read_config(["configs/common.json"] + ([] if config == "common" else [f"configs/{config}.json"]))
     torch.manual_seed(0)
     networks = {name: parser.get_parsed_content(f"{name}_def").to(device).eval()
                 for name in ("autoencoder", "diffusion", "controlnet")}
     networks.update(scheduler=parser.get_parsed_content("inference_scheduler_def"), scale_factor=1.0,
-                    encode_condition=cfg["encode_condition"])
+                    encode_condition=parser["encode_condition"])
     from monai.data import MetaTensor
 
     thick = _volume(tuple(shape))[:, :, ::2][None]
     affine = np.diag([SPACING[0], SPACING[1], 2 * SPACING[2], 1.0])
     image = MetaTensor(thick, affine=torch.as_tensor(affine))
     target = list(SPACING)
-    sw = cfg["sliding_window"]
+    sw = parser["sliding_window"]
     print(f"main job: {tuple(thick.shape[1:])} at {affine.diagonal()[:3].tolist()} mm -> {target} mm; {config} "
           f"networks, {steps} DDIM step(s), windows {sw}; device {device}")
 
@@ -249,15 +243,10 @@ def posterior_bench(shape: tuple[int, int, int] = (96, 96, 64), steps: int = 1) 
 def sizes(config_files: Sequence[str] = ("configs/common.json",)) -> None:
     """``python -m scripts.bench sizes``: parameters and float32 weight size of each network that ``models/``
     ships, built from ``config_files`` (later files override earlier ones, as in ``monai.bundle run``)."""
-    import json
-
     from monai.bundle import ConfigParser
 
-    cfg: dict = {}
-    for path in config_files:
-        with open(path) as f:
-            cfg.update(json.load(f))
-    parser = ConfigParser(cfg)
+    parser = ConfigParser()
+    parser.read_config(list(config_files))
     total = 0
     for name in ("autoencoder", "diffusion", "controlnet", "regression"):
         n = sum(p.numel() for p in parser.get_parsed_content(f"{name}_def").parameters())

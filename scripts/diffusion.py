@@ -122,8 +122,8 @@ class PriorSampleHandler:
     decode it with the stage-1 autoencoder and log it to TensorBoard as ``prior_sample`` (an animation along z):
     what the prior generates from pure noise, which its noise-prediction error at one timestep does not show.
 
-    The autoencoder's weights are read from ``autoencoder_path`` at the first validation; without them the
-    handler logs a warning once and does nothing."""
+    The autoencoder's weights are read from ``autoencoder_path`` when the handler is attached; without them it
+    logs a warning and is not attached."""
 
     def __init__(self, diffusion: torch.nn.Module, autoencoder_def: torch.nn.Module, autoencoder_path: str,
                  scheduler: Scheduler, scale_factor: float, latent_shape: Sequence[int], log_dir: str,
@@ -132,23 +132,17 @@ class PriorSampleHandler:
         scheduler.set_timesteps(num_inference_steps)
         self.inferer = LatentDiffusionInferer(scheduler, scale_factor=float(scale_factor))
         self.latent_shape, self.log_dir, self.seed = list(latent_shape), log_dir, seed
-        self.loaded: bool | None = None
-        self.writer: SummaryWriter | None = None
 
     def attach(self, engine: Engine) -> None:
+        if not Path(self.autoencoder_path).is_file():
+            logger.warning("%s not found: no prior samples in TensorBoard", self.autoencoder_path)
+            return
+        load_autoencoder_weights(self.autoencoder, self.autoencoder_path)
+        self.writer = SummaryWriter(log_dir=self.log_dir)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if self.loaded is None:
-            self.loaded = Path(self.autoencoder_path).is_file()
-            if not self.loaded:
-                logger.warning("%s not found: no prior samples in TensorBoard", self.autoencoder_path)
-                return
-            load_autoencoder_weights(self.autoencoder, self.autoencoder_path)
-            self.autoencoder.to(engine.state.device).eval()
-            self.writer = SummaryWriter(log_dir=self.log_dir)
-        if not self.loaded:
-            return
+        self.autoencoder.to(engine.state.device).eval()
         gen = torch.Generator().manual_seed(self.seed)
         noise = torch.randn((1, self.diffusion.in_channels, *self.latent_shape), generator=gen)
         was_training = self.diffusion.training
