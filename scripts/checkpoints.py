@@ -6,13 +6,20 @@ reference), so these handlers add the engine they are attached to.
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
+
+from scripts.options import flag
+
+logger = logging.getLogger(__name__)
 
 
 def latest_checkpoint(ckpt_dir: str | Path, prefix: str) -> Path | None:
@@ -29,21 +36,28 @@ class ResumeHandler:
     """When ``enabled``, restore ``load_dict`` (networks, optimizers, schedulers, engine state) from the latest
     checkpoint before the run starts, so the iteration count and learning rate continue where they stopped.
 
-    Asking to resume without a checkpoint is an error rather than a silent fresh start.
+    ``True`` without a checkpoint is an error rather than a silent fresh start; ``"auto"`` resumes when there is
+    one and starts afresh when there is none, for jobs that are simply run again until training completes.
     """
 
-    def __init__(self, enabled: bool, ckpt_dir: str, prefix: str, load_dict: dict,
+    def __init__(self, enabled: bool | str, ckpt_dir: str, prefix: str, load_dict: dict,
                  map_location: str | torch.device | None = None) -> None:
-        self.enabled, self.ckpt_dir, self.prefix = bool(enabled), ckpt_dir, prefix
+        if enabled != "auto":
+            enabled = flag(enabled, "resume (true, false or auto)")
+        self.enabled, self.ckpt_dir, self.prefix = enabled, ckpt_dir, prefix
         self.load_dict, self.map_location = load_dict, map_location
 
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
             return
         path = latest_checkpoint(self.ckpt_dir, self.prefix)
+        if path is None and self.enabled == "auto":
+            logger.info("%s: no %s checkpoint, starting afresh", self.ckpt_dir, self.prefix)
+            return
         if path is None:
             raise FileNotFoundError(
                 f"{self.ckpt_dir}: resume requested but no {self.prefix}_checkpoint_epoch=*.pt found")
+        logger.info("resuming from %s", path)
         CheckpointLoader(load_path=str(path), load_dict={**self.load_dict, "trainer": engine},
                          map_location=self.map_location, name="resume").attach(engine)
 
@@ -75,6 +89,48 @@ class TrainingCheckpointSaver:
             tracker = getattr(handler, "__self__", None)
             if isinstance(tracker, MLFlowHandler):
                 tracker.artifacts = (*tracker.artifacts, *files)
+
+
+class TimeBudget:
+    """Stop training after the last epoch that fits in ``max_seconds``, so that a run under a wall-clock limit (a
+    batch job, a lent GPU) ends on an epoch boundary, with its epoch checkpoint and final checkpoint written, and
+    ``--resume true`` continues it. ``None`` or 0: no limit.
+
+    The time counts from the trainer's start (not the data caching before it). The next epoch is assumed to take
+    as long as the longest so far, counted from one epoch's end to the next so that validation and checkpointing
+    are included; an epoch that validates for the first time can still overrun by its validation. Under
+    torch.distributed the ranks agree (one rank out of time stops all), so that none waits for the others.
+    """
+
+    clock: Callable[[], float] = staticmethod(time.perf_counter)
+
+    def __init__(self, max_seconds: float | None) -> None:
+        self.max_seconds = float(max_seconds or 0)
+        if not self.max_seconds >= 0:
+            raise ValueError(f"max_seconds must be a number of seconds >= 0, or None for no limit; got {max_seconds}")
+        self.start = self.last = self.longest = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        if self.max_seconds > 0:
+            engine.add_event_handler(Events.STARTED, self.started)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def started(self, engine: Engine) -> None:
+        self.start = self.last = self.clock()
+        self.longest = 0.0
+
+    def epoch_completed(self, engine: Engine) -> None:
+        now = self.clock()
+        self.longest = max(self.longest, now - self.last)
+        self.last = now
+        out_of_time = float(now - self.start + self.longest > self.max_seconds)
+        if idist.get_world_size() > 1:
+            out_of_time = idist.all_reduce(out_of_time, op="MAX")
+        if out_of_time and engine.state.epoch < engine.state.max_epochs:
+            logger.info("time budget of %.0f s: stopping after epoch %d (%.0f s used, an epoch takes up to %.0f s);"
+                        " continue with --resume true", self.max_seconds, engine.state.epoch, now - self.start,
+                        self.longest)
+            engine.terminate()
 
 
 def load_weights(network: torch.nn.Module, path: str | Path, map_location: str | torch.device = "cpu"

@@ -19,6 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard import SummaryWriter
 
 from scripts.autoencoder import load_autoencoder_weights
+from scripts.options import flag
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def controlnet_from_prior(controlnet: torch.nn.Module, diffusion: torch.nn.Modul
     also zero-initialises) gets a default random initialisation, so the condition reaches the ControlNet's
     features from the first step instead of only after the output convolutions have grown."""
     controlnet.load_state_dict(diffusion.state_dict(), strict=False)
-    if not zero_condition_embedding:
+    if not flag(zero_condition_embedding, "zero_condition_embedding"):
         controlnet.controlnet_cond_embedding.conv_out.conv.reset_parameters()
     return controlnet
 

@@ -32,6 +32,7 @@ from scripts.diffusion import ControlledDenoiser, unet_divisor
 from scripts.dicom import new_template, series_template, write_series
 from scripts.grid import apply_along_axis, axis_positions, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
+from scripts.options import flag
 from scripts.volumes import load_volume, save_volume, spacing_of
 
 logger = logging.getLogger(__name__)
@@ -358,6 +359,8 @@ def enhance_datalist(
 
 def run(input_image: str = "", output_image: str = "", datalist: str = "", output_dir: str = "", **kwargs):
     """The bundle's entry point: one volume (``input_image`` -> ``output_image``) or batch mode (``datalist``)."""
+    if "consistency" in kwargs:
+        kwargs["consistency"] = flag(kwargs["consistency"], "data_consistency")
     if datalist:
         if not output_dir:
             raise ValueError("batch mode needs --output_dir")

@@ -18,6 +18,7 @@ import numpy as np
 from scripts.baselines import resample
 from scripts.figures import montage
 from scripts.metrics import CT_WINDOW, mr_scale, score
+from scripts.options import flag
 from scripts.volumes import VolumeError, load_volume, spacing_of
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def evaluate(cases: str | list[dict], output_dir: str, modality: str = "ct", mon
         row = {"name": name, "method": case.get("method", ""), **score(pred, ref, modality)}
         rows.append(row)
         logger.info("%s %s", name, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
-        if montages:
+        if flag(montages, "montages"):
             panels = {}
             if "input" in case:
                 inp = load_volume(case["input"])

@@ -21,6 +21,7 @@ from scripts.degradations import (
     RandRicianNoised,
     RandThickSliced,
 )
+from scripts.options import flag
 from scripts.volumes import load_volume, save_volume
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def build_operator(
     ops = {
         "thick_slice": lambda: RandThickSliced(key, (factor, factor), axis, [profile], resample_back=False),
         "lowdose_ct": lambda: RandLowDoseCTd(key, (dose_fraction, dose_fraction), photons, n_views),
-        "rician": lambda: RandRicianNoised(key, (sigma, sigma), relative),
+        "rician": lambda: RandRicianNoised(key, (sigma, sigma), flag(relative, "relative")),
         "kspace": lambda: RandKSpaceTruncated(key, (factor, factor)),
         "blur": lambda: RandBlurd(key, (size_mm, size_mm), [kernel]),
     }

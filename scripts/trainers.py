@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from scripts.autoencoder import downsample_factor
 from scripts.diffusion import ControlledDenoiser, unet_divisor
 from scripts.enhance import sample_latent
+from scripts.options import flag
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -65,7 +66,7 @@ class VAEGANTrainer(Trainer):
         amp: bool = False,
         non_blocking: bool = False,
     ) -> None:
-        amp = amp and torch.device(device).type == "cuda"
+        amp = flag(amp, "amp") and torch.device(device).type == "cuda"
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -194,7 +195,7 @@ class ControlNetTrainer(Trainer):
         amp: bool = False,
         non_blocking: bool = False,
     ) -> None:
-        amp = amp and torch.device(device).type == "cuda"
+        amp = flag(amp, "amp") and torch.device(device).type == "cuda"
         super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
                          epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, amp=amp)
         self.controlnet, self.optimizer = controlnet, optimizer

@@ -21,7 +21,9 @@ from scripts.autoencoder import (
     load_scale_factor,
     reconstruct_volume,
 )
+from scripts.checkpoints import TimeBudget
 from tests.conftest import ROOT, SAMPLE, run_config, torchrun, tracked_training
+from tests.test_checkpoints import fake_clock
 
 CONFIGS = ["train_autoencoder.json", "tiny.json"]
 
@@ -44,9 +46,9 @@ def _messages(err: BaseException | None) -> str:
     return "\n".join(out)
 
 
-def run_training(crops: Path, ckpt: Path, stop_after_epoch: int | None = None, **overrides):
+def run_training(crops: Path, ckpt: Path, **overrides):
     settings = {"datalist": str(crops / "datalist.json"), "ckpt_dir": str(ckpt), "output_dir": str(ckpt / "tb")}
-    return run_config(CONFIGS, stop_after_epoch, "l1", **{**settings, **overrides})
+    return run_config(CONFIGS, None, "l1", **{**settings, **overrides})
 
 
 def test_tiny_training_loss_falls_and_writes_checkpoints(trained):
@@ -73,11 +75,13 @@ def test_validation_logs_input_and_reconstruction_images(trained):
         assert [e.step for e in events.Images(tag)] == [1, 2, 3]  # one per validation (every epoch in tiny.json)
 
 
-def test_resume_continues_iterations_and_learning_rate(crops, trained, tmp_path):
+def test_a_time_budget_stops_on_an_epoch_and_resume_continues(crops, trained, tmp_path, monkeypatch):
     _, full_trainer, _, full_parser = trained
     ckpt = tmp_path / "ckpt"
-    run_training(crops, ckpt, stop_after_epoch=2, max_epochs=3)
-    assert (ckpt / "autoencoder_checkpoint_epoch=2.pt").is_file()
+    monkeypatch.setattr(TimeBudget, "clock", fake_clock(10.0))  # each epoch "takes" 10 s: 2 fit in 25 s, not 3
+    stopped, _, _ = run_training(crops, ckpt, max_epochs=3, max_seconds=25)
+    assert stopped.state.epoch == 2
+    assert (ckpt / "autoencoder_checkpoint_epoch=2.pt").is_file() and (ckpt / "autoencoder.pt").is_file()
     assert not (ckpt / "autoencoder_checkpoint_epoch=3.pt").exists()
     resumed, losses, parser = run_training(crops, ckpt, max_epochs=3, resume=True)
     assert len(losses) == 6 and resumed.state.iteration == 18 and resumed.state.epoch == 3
@@ -86,6 +90,8 @@ def test_resume_continues_iterations_and_learning_rate(crops, trained, tmp_path)
     with pytest.raises(Exception) as err:
         run_training(crops, tmp_path / "empty", max_epochs=1, resume=True)
     assert "resume requested but no autoencoder_checkpoint" in _messages(err.value)
+    fresh, _, _ = run_training(crops, tmp_path / "empty", max_epochs=1, resume="auto")  # no checkpoint: from scratch
+    assert fresh.state.iteration == 6
 
 
 def test_bad_datalists_fail_clearly(crops, tmp_path):
@@ -103,8 +109,9 @@ def test_bad_datalists_fail_clearly(crops, tmp_path):
 def test_two_process_ddp_run_on_gloo(crops, tmp_path):
     files = "['configs/train_autoencoder.json','configs/multi_gpu_train_autoencoder.json','configs/tiny.json']"
     res = torchrun(files, "--datalist", str(crops / "datalist.json"), "--ckpt_dir", str(tmp_path), "--output_dir",
-                   str(tmp_path / "tb"), "--max_epochs", "1")
+                   str(tmp_path / "tb"), "--max_epochs", "2", "--max_seconds", "0.001")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert not (tmp_path / "autoencoder_checkpoint_epoch=2.pt").exists()  # both ranks kept the time budget
     state = torch.load(tmp_path / "autoencoder_checkpoint_epoch=1.pt", weights_only=True)
     # each rank sees half of the 2 volumes x 2 crops per epoch (DistributedSampler), 6 iterations each
     assert state["trainer"]["iteration"] == 6
