@@ -2,8 +2,12 @@
 
 For each validation entry of a datalist (``scripts.datalist regions`` writes one) and each task of its modality,
 the reference is degraded with a fixed seed (``scripts.baseline_report.degrade_for_task``) and restored by the
-classical baselines, the regression peer, the latent ControlNet (one sample, with ``--data_consistency`` for
-super-resolution, the mean of K samples) and posterior sampling with the task's known operator. Networks come
+classical baselines (for super-resolution also trilinear followed by the data-consistency step, the classical
+counterpart of ours + data consistency), the regression peer, the latent ControlNet (one sample, with ``--data_consistency`` for
+super-resolution, the mean of K samples) and posterior sampling with the task's known operator. Two oracle rows
+show the autoencoder's ceiling: the reference itself encoded and decoded (what a latent method returns when its
+prior and ControlNet find the reference's own latent), and, for super-resolution, that reconstruction after the
+data-consistency step (what the step adds beyond the ceiling). Networks come
 from the main job's configs (``configs/inference.json`` plus ``network_configs``) and ``ckpt_dir``, exactly as
 ``monai.bundle run`` builds them; methods whose weights are missing are skipped and say so. Outputs, per-case
 montages (``scripts.evaluate``), one montage per task (input, best classical, regression, ours, reference),
@@ -26,9 +30,11 @@ from monai.data import MetaTensor
 from scripts.baseline_report import degrade_for_task, restore_all, tuned_best
 from scripts.baselines import resample
 from scripts.datalist import read_datalist
-from scripts.enhance import enhance_volume, inference_parser
+from scripts.autoencoder import reconstruct_volume
+from scripts.enhance import data_consistency, enhance_volume, inference_parser, physical_range
 from scripts.evaluate import display_window, evaluate
 from scripts.figures import montage
+from scripts.intensity import denormalize, intensity_params, normalize
 from scripts.posterior import restore
 from scripts.volumes import load_volume, save_volume, spacing_of
 
@@ -43,8 +49,9 @@ TASKS: dict[str, dict] = {
                                                             "sigma_mm": 3.0}, "in_training_range": False},
     "mr_rician5": {"modality": "mr", "operator": {"operator": "identity"}, "in_training_range": True},
 }
-METHODS = ("classical", "regression", "ours", "ours + data consistency", "ours from the input", "ours mean",
-           "posterior")
+METHODS = ("classical", "autoencoder ceiling", "regression", "ours", "ours + data consistency", "ours from the input",
+           "ours mean", "posterior")
+LATENT_METHODS = {"autoencoder ceiling", "ours", "ours + data consistency", "ours from the input", "ours mean"}
 
 
 def load_networks(config_files: Sequence[str], ckpt_dir: str, device: str) -> dict | None:
@@ -69,6 +76,17 @@ def centre_crop(x: torch.Tensor, affine: np.ndarray, size: Sequence[int]) -> tup
     cropped = affine.copy()
     cropped[:3, 3] = (affine @ np.array([*starts, 1.0]))[:3]
     return x[tuple(slice(a, b) for a, b in zip(starts, stops))], cropped
+
+
+def autoencoder_ceiling(x: torch.Tensor, autoencoder: torch.nn.Module, modality: str, sliding_window: dict,
+                        device: str) -> torch.Tensor:
+    """The reference ``x`` encoded and decoded in windows, in its own units: what a latent method returns when it
+    finds the reference's own latent, i.e. the fidelity the autoencoder allows however good the prior is."""
+    params = intensity_params(x, modality)
+    image = normalize(x.float(), params)[None, None].to(device)
+    with torch.autocast("cuda", enabled=device == "cuda"):
+        out = reconstruct_volume(autoencoder.eval(), image, sliding_window["roi_size"], sliding_window["overlap"])
+    return physical_range(denormalize(out[0, 0].float().cpu(), params), x, modality)
 
 
 def _timed(fn: Callable[[], torch.Tensor], device: str) -> tuple[torch.Tensor, float]:
@@ -108,7 +126,7 @@ def run(
     if crop is not None and any(t.startswith("ct_lowdose") for t in tasks):
         raise ValueError("ct_lowdose_quarter: low-dose noise is made from whole axial slices; run it without crop")
     ours = posterior_nets = regression = None
-    if {"ours", "ours + data consistency", "ours from the input", "ours mean"} & set(methods):
+    if LATENT_METHODS & set(methods):
         ours = load_networks(["configs/inference.json", *net_cfgs], ckpt_dir, device)
     if "posterior" in methods:  # the prior and autoencoder of ``ours`` when loaded; without a ControlNet on their own
         posterior_nets = ({k: ours[k] for k in ("autoencoder", "diffusion", "scheduler", "scale_factor")} if ours
@@ -142,10 +160,21 @@ def run(
             restored: dict[str, tuple[torch.Tensor, float]] = {}
             if "classical" in methods:
                 restored.update(restore_all(task, y, y_aff, spacing_of(affine)))
+                if task.startswith("ct_sr"):  # the same projection as ours + data consistency, on interpolation
+                    vol, sec = restored["trilinear"]
+                    dc, dc_sec = _timed(lambda: data_consistency(vol.float(), y.float()), "cpu")
+                    restored["trilinear + data consistency"] = (dc, sec + dc_sec)
             image = MetaTensor(y.float()[None], affine=torch.as_tensor(y_aff))
             common = {"target_spacing": spacing_of(affine).tolist(), "modality": modality,
                       "num_inference_steps": num_inference_steps, "seed": seed, "sliding_window": sliding_window,
                       "device": device, "progress": False}
+            autoencoder = (ours or posterior_nets or {}).get("autoencoder")
+            if "autoencoder ceiling" in methods and autoencoder is not None:
+                ceiling = _timed(lambda: autoencoder_ceiling(x, autoencoder, modality, sliding_window, device), device)
+                restored["autoencoder ceiling (oracle)"] = ceiling
+                if task.startswith("ct_sr"):
+                    restored["autoencoder ceiling + data consistency (oracle)"] = _timed(
+                        lambda: data_consistency(ceiling[0], y.float()), "cpu")
             if regression is not None:
                 restored["regression"] = _timed(
                     lambda: enhance_volume(image, regression, method="regression", **common)[0], device)
