@@ -91,6 +91,50 @@ class TrainingCheckpointSaver:
                 tracker.artifacts = (*tracker.artifacts, *files)
 
 
+class ValidationRecord:
+    """The validation's best score so far, kept in the training checkpoint, and early stopping on it.
+
+    MONAI's evaluator (``best_metric``) and key-metric ``CheckpointSaver`` (which writes ``<stage>.pt``) keep the
+    best score in memory only, so after ``--resume`` the first validation would replace the best model even with
+    a worse one. Put in ``checkpoint_dict``, this record carries both over. With ``patience`` N it also stops
+    training after N validations in a row without a new best (``None`` or 0: never), so a run ends when the
+    validation stops improving rather than at a fixed epoch. Every rank sees the same (all-reduced) metrics, so
+    under torch.distributed the ranks stop together.
+    """
+
+    def __init__(self, evaluator: Engine, saver: CheckpointSaver | None = None, patience: int | None = None) -> None:
+        self.patience = int(patience or 0)
+        if self.patience < 0:
+            raise ValueError(f"patience must be a number of validations >= 0, or None; got {patience}")
+        self.evaluator, self.saver, self.stale = evaluator, saver, 0
+        self.trainer: Engine | None = None
+
+    def attach(self, trainer: Engine) -> None:
+        self.trainer = trainer
+        self.evaluator.add_event_handler(Events.COMPLETED, self.validated)
+
+    def validated(self, evaluator: Engine) -> None:
+        self.stale = 0 if evaluator.state.best_metric_epoch == evaluator.state.epoch else self.stale + 1
+        if self.patience and self.stale >= self.patience and self.trainer is not None:
+            state = evaluator.state
+            logger.info("no better %s in %d validations (best %.6g at epoch %d): stopping", state.key_metric_name,
+                        self.stale, state.best_metric, state.best_metric_epoch)
+            self.trainer.terminate()
+
+    def state_dict(self) -> dict:
+        saved = self.saver._key_metric_checkpoint.state_dict() if self.saver is not None else {}
+        return {"best_metric": float(self.evaluator.state.best_metric),
+                "best_metric_epoch": int(self.evaluator.state.best_metric_epoch), "stale": self.stale,
+                "saved": [[float(p), str(f)] for p, f in saved.get("_saved", [])]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        self.stale = state["stale"]
+        if self.saver is not None:
+            self.saver._key_metric_checkpoint.load_state_dict({"_saved": state["saved"]})
+
+
 class TimeBudget:
     """Stop training after the last epoch that fits in ``max_seconds``, so that a run under a wall-clock limit (a
     batch job, a lent GPU) ends on an epoch boundary, with its epoch checkpoint and final checkpoint written, and

@@ -3,12 +3,12 @@
 For each validation entry of a datalist (``scripts.datalist regions`` writes one) and each task of its modality,
 the reference is degraded with a fixed seed (``scripts.baseline_report.degrade_for_task``) and restored by the
 classical baselines (for super-resolution also trilinear followed by the data-consistency step, the classical
-counterpart of ours + data consistency), the regression peer, the latent ControlNet (one sample, with ``--data_consistency`` for
-super-resolution, the mean of K samples) and posterior sampling with the task's known operator. Two oracle rows
-show the autoencoder's ceiling: the reference itself encoded and decoded (what a latent method returns when its
-prior and ControlNet find the reference's own latent), and, for super-resolution, that reconstruction after the
-data-consistency step (what the step adds beyond the ceiling). Networks come
-from the main job's configs (``configs/inference.json`` plus ``network_configs``) and ``ckpt_dir``, exactly as
+counterpart of ours + data consistency), the regression peer, the latent ControlNet (one sample, with
+``--data_consistency`` for super-resolution, the mean of K samples) and posterior sampling with the task's known
+operator. Two oracle rows show the autoencoder's ceiling: the reference itself encoded and decoded (what a latent
+method returns when its prior and ControlNet find the reference's own latent), and, for super-resolution, that
+reconstruction after the data-consistency step (what the step adds beyond the ceiling). Networks come from the
+main job's configs (``configs/inference.json`` plus ``network_configs``) and ``ckpt_dir``, exactly as
 ``monai.bundle run`` builds them; methods whose weights are missing are skipped and say so. Outputs, per-case
 montages (``scripts.evaluate``), one montage per task (input, best classical, regression, ours, reference),
 ``results.json`` and the markdown table ``results.md`` go to ``output_dir``.

@@ -60,7 +60,9 @@ def test_tiny_training_loss_falls_and_writes_checkpoints(trained):
     assert load_scale_factor(str(ckpt)) > 0
     assert list((ckpt / "tb").glob("events.out.tfevents.*"))
     state = torch.load(ckpt / "autoencoder_checkpoint_epoch=3.pt", weights_only=True)
-    assert set(state) == {"autoencoder", "discriminator", "optimizer", "d_optimizer", "lr_scheduler", "trainer"}
+    assert set(state) == {"autoencoder", "discriminator", "optimizer", "d_optimizer", "lr_scheduler", "validation",
+                          "trainer"}
+    assert state["validation"]["best_metric_epoch"] in (1, 2, 3)  # the best-model record travels with a resume
     load_autoencoder_weights(tiny_autoencoder(), ckpt / "autoencoder.pt")
 
 

@@ -1,17 +1,24 @@
-"""Training jobs under a time limit: the time budget, resuming, and yes/no options from the command line."""
+"""Training jobs under a time limit: the time budget, resuming (with the best model so far), early stopping, and
+yes/no options from the command line."""
 
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from ignite.engine import Engine
+from ignite.metrics import Metric
+from monai.bundle import ConfigParser
+from monai.engines import SupervisedEvaluator
+from monai.handlers import ValidationHandler
 
-from scripts.checkpoints import ResumeHandler, TimeBudget
+from scripts.checkpoints import ResumeHandler, TimeBudget, ValidationRecord
 from scripts.options import flag
+from tests.conftest import ROOT
 
 
 def fake_clock(seconds_per_call: float):
@@ -67,3 +74,71 @@ def test_yes_no_options_read_as_the_command_line_means_them():
     assert ResumeHandler("auto", "", "x", {}).enabled == "auto"
     with pytest.raises(ValueError, match="resume"):
         ResumeHandler("later", "", "x", {})
+
+
+class Scripted(Metric):
+    """A validation metric that returns the next of the given values at each validation."""
+
+    def __init__(self, values):
+        self.values = iter(values)
+        super().__init__()
+
+    def reset(self):
+        pass
+
+    def update(self, output):
+        pass
+
+    def compute(self):
+        return next(self.values)
+
+
+LOWER_IS_BETTER = {"autoencoder": False, "diffusion": True, "controlnet": True, "regression": True}
+
+
+def validated_training(stage: str, ckpt, values, epochs: range, state: dict | None = None, patience: int = 0):
+    """Train for ``epochs`` (a plain engine whose "network" weight is the epoch number), validating every epoch
+    with a MONAI evaluator whose key metric yields ``values`` and the stage config's best-model saver; as after a
+    restart when ``state`` (a ValidationRecord state) is given. Returns the trainer and the record."""
+    raw = json.loads((ROOT / "configs" / f"train_{stage}.json").read_text())
+    parser = ConfigParser({"saver": {**raw["validate"]["best_saver"], "save_dir": str(ckpt),
+                                     "save_dict": {stage: "$torch.nn.Linear(1, 1)"}}})
+    saver = parser.get_parsed_content("saver", lazy=False)
+    net = saver.save_dict[stage]
+    evaluator = SupervisedEvaluator(
+        "cpu", [{"image": torch.zeros(1, 1), "label": torch.zeros(1, 1)}], torch.nn.Identity(),
+        key_val_metric={"val": Scripted(values)}, val_handlers=[saver],
+        metric_cmp_fn=(lambda c, b: c < b) if LOWER_IS_BETTER[stage] else (lambda c, b: c > b))
+    trainer = Engine(lambda e, b: net.weight.data.fill_(e.state.epoch))
+    record = ValidationRecord(evaluator, saver, patience)
+    ValidationHandler(1, evaluator).attach(trainer)
+    record.attach(trainer)
+    if state is not None:
+        record.load_state_dict(state)
+        trainer.load_state_dict({"epoch": epochs.start - 1, "max_epochs": epochs.stop - 1, "epoch_length": 1})
+    trainer.run([0], max_epochs=epochs.stop - 1)
+    return trainer, record
+
+
+@pytest.mark.parametrize("stage", LOWER_IS_BETTER)
+def test_the_best_model_survives_a_resume_and_patience_stops_training(stage, tmp_path):
+    raw = json.loads((ROOT / "configs" / f"train_{stage}.json").read_text())
+    declared = raw["validate"]["evaluator"].get("metric_cmp_fn")
+    if declared:  # the evaluator's own notion of "better" agrees with the saver's
+        assert ConfigParser({"f": declared}).get_parsed_content("f")(0.1, 0.2) == LOWER_IS_BETTER[stage]
+    best_file = tmp_path / raw["validate"]["best_saver"]["key_metric_filename"]
+
+    def best_epoch() -> int:
+        return int(torch.load(best_file, weights_only=True)["weight"].item())
+
+    lower = LOWER_IS_BETTER[stage]
+    first, later = ([0.5, 0.2, 0.9], [0.3, 0.4, 0.35]) if lower else ([0.5, 0.9, 0.2], [0.8, 0.7, 0.75])
+    _, record = validated_training(stage, tmp_path, first, range(1, 4))
+    assert best_epoch() == 2  # the best validation in the metric's direction (MONAI's saver alone keeps the largest)
+    state = json.loads(json.dumps(record.state_dict()))  # plain values only, as in a weights_only checkpoint
+    trainer, _ = validated_training(stage, tmp_path, later, range(4, 7), state)  # worse than the best, better than
+    assert trainer.state.epoch == 6 and best_epoch() == 2  # the last: a fresh saver would have taken epoch 4
+    trainer, _ = validated_training(stage, tmp_path, later, range(4, 7), state, patience=2)
+    assert trainer.state.epoch == 4  # one stale validation before the restart, a second after it: stop
+    with pytest.raises(ValueError, match="patience"):
+        ValidationRecord(None, None, -1)

@@ -17,8 +17,9 @@ def test_results_table_runs_every_method_and_data_consistency_never_hurts(crops,
     summary = run(str(datalist), str(weights), str(out), ["configs/tiny.json"], ["ct_sr_5to10mm"],
                   num_inference_steps=2, num_samples=2, posterior_steps=2)
     case = summary["cases"]["c/ct_sr_5to10mm"]
-    assert set(case["metrics"]) == {"trilinear", "bspline", "trilinear + data consistency", "autoencoder ceiling (oracle)",
-                                    "autoencoder ceiling + data consistency (oracle)", "ours",
+    assert set(case["metrics"]) == {"trilinear", "bspline", "trilinear + data consistency",
+                                    "autoencoder ceiling (oracle)", "autoencoder ceiling + data consistency (oracle)",
+                                    "ours",
                                     "ours + data consistency", "ours, strength 0.5", "ours mean of 2",
                                     "posterior (dps)"}  # no regression.pt: skipped, not faked
     assert all(np.isfinite(m["psnr"]) and m["psnr"] > 0 for m in case["metrics"].values())
@@ -30,7 +31,8 @@ def test_results_table_runs_every_method_and_data_consistency_never_hurts(crops,
     ref = nib.load(task / "reference.nii.gz").get_fdata()
     err = {m: np.linalg.norm(nib.load(task / f"{m}.nii.gz").get_fdata() - ref)
            for m in ("ours", "ours_plus_data_consistency", "autoencoder_ceiling_oracle",
-                     "autoencoder_ceiling_plus_data_consistency_oracle", "trilinear", "trilinear_plus_data_consistency")}
+                     "autoencoder_ceiling_plus_data_consistency_oracle", "trilinear",
+                     "trilinear_plus_data_consistency")}
     assert err["ours_plus_data_consistency"] < err["ours"]
     assert err["autoencoder_ceiling_plus_data_consistency_oracle"] < err["autoencoder_ceiling_oracle"]
     assert err["trilinear_plus_data_consistency"] < err["trilinear"]
