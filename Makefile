@@ -62,7 +62,12 @@ study: $(STAMP)
 # For training on the development GPU machine (the library's device tool; its Python 3.12 has torch but not these):
 # the missing wheels in .whl/ and the development region split in .data/regions/, both git-ignored, about 28 MB
 # to name in `carry`. There: `python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
-# export PYTHONPATH=/tmp/site` first, then the training commands with `--datalist .data/regions/datalist.json`.
+# export PYTHONPATH=/tmp/site` first, then the training commands with `--datalist .data/regions/datalist.json`
+# and `--max_seconds 480 --resume auto --patience 5`, so each 10-minute call ends on an epoch with its checkpoint
+# and the next call goes on (the best model and the patience count survive the resume). Keep --ckpt_dir under
+# outputs/ (git-ignored: it stays on the machine between calls while it is warm; a full checkpoint is too large
+# to come back through $OUT, only the <stage>.pt weights, split under 16 MiB, and the logs). After stage 1, run
+# configs/results.json with `--methods "['classical','autoencoder ceiling']"` here before training stages 2-3.
 DEVICE_WHEELS := monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2 pydicom==3.0.2 pynrrd==1.1.3 fire==0.7.1 \
 	termcolor==3.3.0 PyWavelets==1.8.0
 device-kit: $(STAMP)
