@@ -1,4 +1,5 @@
-"""Periodic training checkpoints that include the engine itself, and resuming from the latest of them.
+"""Training that spans several runs: periodic checkpoints that include the engine itself, resuming from the
+latest of them with the best validation score so far, early stopping, and a time budget per run.
 
 A bundle config cannot put the trainer into the ``save_dict`` of one of the trainer's own handlers (a circular
 reference), so these handlers add the engine they are attached to.
