@@ -267,8 +267,8 @@ def demo_bench(steps: int = 10) -> None:
 
     from monai.bundle import ConfigParser
 
-    with open("configs/common.json") as f:
-        common = ConfigParser(json.load(f))
+    common = ConfigParser()
+    common.read_config("configs/common.json")
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         for name in ("autoencoder", "diffusion", "controlnet"):

@@ -108,7 +108,6 @@ class ValidationRecord:
         if self.patience < 0:
             raise ValueError(f"patience must be a number of validations >= 0, or None; got {patience}")
         self.evaluator, self.saver, self.stale = evaluator, saver, 0
-        self.trainer: Engine | None = None
 
     def attach(self, trainer: Engine) -> None:
         self.trainer = trainer
@@ -116,7 +115,7 @@ class ValidationRecord:
 
     def validated(self, evaluator: Engine) -> None:
         self.stale = 0 if evaluator.state.best_metric_epoch == evaluator.state.epoch else self.stale + 1
-        if self.patience and self.stale >= self.patience and self.trainer is not None:
+        if self.patience and self.stale >= self.patience:
             state = evaluator.state
             logger.info("no better %s in %d validations (best %.6g at epoch %d): stopping", state.key_metric_name,
                         self.stale, state.best_metric, state.best_metric_epoch)
