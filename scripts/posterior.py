@@ -13,7 +13,10 @@ the misfit ``||y - A D(z0)||``:
 The step is normalised to ``step_size`` latent units (RMS) times ``(1 - sigma_y sqrt(m) / ||r||)`` clipped to
 [0, 1] (the discrepancy principle: guidance fades as the misfit reaches the noise level, so noise is not fitted),
 and grows linearly to ``step_size`` over the steps with ``schedule='linear'``. ``refine_iters`` ends with
-ReSample-style (Song et al. 2023) optimisation of the final latent against ``y``. Memory is bounded: the prior and
+ReSample-style (Song et al. 2023) optimisation of the final latent against ``y``, and ``consistency_iters`` with
+CGLS iterations in image space (``least_squares_consistency``): the decoder cannot return the detail its
+autoencoder loses, this step restores what ``y`` holds of it and leaves the rest (the null space of ``A``) to the
+prior. Memory is bounded: the prior and
 the decoder run window by window (``tiled_apply``) and every window is wrapped in activation checkpointing, so
 back-propagation holds one window's activations at a time.
 """
@@ -94,6 +97,43 @@ def forward_operator(
 def estimate_noise(observed: torch.Tensor) -> float:
     """Noise standard deviation of a normalised volume, by the wavelet MAD estimator (Donoho & Johnstone)."""
     return float(estimate_sigma(observed.detach().cpu().numpy().squeeze(), channel_axis=None))
+
+
+def least_squares_consistency(
+    x: torch.Tensor, observed: torch.Tensor, operator: Callable[[torch.Tensor], torch.Tensor], noise_sigma: float,
+    max_iters: int = 20,
+) -> torch.Tensor:
+    """Move ``x`` toward ``observed = A x`` in image space: CGLS iterations on ``||y - A x||`` from ``x``, stopped
+    by the discrepancy principle (``||y - A x|| <= noise_sigma sqrt(m)``) so that noise is not fitted.
+
+    The changes lie in the range of ``A^T``, so what ``y`` cannot tell (the null space of ``A``) stays the
+    prior's; without noise and for the box thick-slice operator this is the projection of
+    ``scripts.enhance.data_consistency``. ``A`` must be linear; ``A^T`` is its vector-Jacobian product. Any
+    units, as long as ``x``, ``observed`` and ``noise_sigma`` share them.
+    """
+    probe = torch.zeros_like(x, requires_grad=True)
+    with torch.enable_grad():
+        applied = operator(probe)
+
+    def adjoint(r: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(applied, probe, r, retain_graph=True)[0]
+
+    x = x.detach().clone()
+    with torch.no_grad():
+        r = observed - operator(x)
+        tolerance = float(noise_sigma) * r.numel() ** 0.5
+        s = adjoint(r)
+        p, gamma = s, s.pow(2).sum()
+        for _ in range(int(max_iters)):
+            if torch.linalg.vector_norm(r) <= tolerance or gamma == 0:
+                break
+            q = operator(p)
+            alpha = gamma / q.pow(2).sum().clamp_min(1e-30)
+            x, r = x + alpha * p, r - alpha * q
+            s = adjoint(r)
+            gamma, previous = s.pow(2).sum(), gamma
+            p = s + gamma / previous * p
+    return x
 
 
 def _checkpointed(fn: Callable) -> Callable:
@@ -222,6 +262,7 @@ def restore(
     step_size: float = 1.0,
     schedule: str = "linear",
     refine_iters: int = 0,
+    consistency_iters: int = 20,
     sliding_window: dict | None = None,
     device: str | torch.device = "cpu",
     record: str = "",
@@ -229,7 +270,8 @@ def restore(
 ) -> dict:
     """The posterior-sampling main job: ``input_image`` (degraded by the known operator) -> ``output_image``
     (NIfTI, atomic, the input's units and world position). ``noise_sigma`` is in the input's units; without it
-    the noise is estimated from the input."""
+    the noise is estimated from the input. ``consistency_iters`` > 0 ends with that many CGLS iterations toward
+    the input in image space (``least_squares_consistency``), which the decoder alone cannot reach."""
     if not str(output_image).endswith((".nii", ".nii.gz")):
         raise ValueError(f"{output_image}: the output must be a NIfTI file (.nii.gz or .nii)")
     t0 = time.perf_counter()
@@ -253,6 +295,8 @@ def restore(
         float(networks["scale_factor"]), observed, A, out_shape, sigma, num_inference_steps,
         torch.Generator().manual_seed(int(seed)), method, step_size, schedule, refine_iters,
         roi_size=[max(1, r // f) for r in sw["roi_size"]], overlap=sw["sampling_overlap"], record=recorder)
+    if int(consistency_iters) > 0:
+        x = least_squares_consistency(x, observed, A, sigma, int(consistency_iters))
     out = physical_range(denormalize(x[0].float().cpu(), params), image, modality)
     save_volume(out, out_affine, output_image, dtype="int16" if modality == "ct" else "float32")
     result = {"output": str(output_image), "seconds": time.perf_counter() - t0, "noise_sigma": sigma / unit,

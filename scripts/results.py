@@ -2,11 +2,13 @@
 
 For each validation entry of a datalist (``scripts.datalist regions`` writes one) and each task of its modality,
 the reference is degraded with a fixed seed (``scripts.baseline_report.degrade_for_task``) and restored by the
-classical baselines (for super-resolution also trilinear followed by the data-consistency step, the classical
-counterpart of ours + data consistency), the regression peer, the latent ControlNet (one sample, with
-``--data_consistency`` for super-resolution, the mean of K samples) and posterior sampling with the task's known
-operator. Two oracle rows show the autoencoder's ceiling: the reference itself encoded and decoded (what a latent
-method returns when its prior and ControlNet find the reference's own latent), and, for super-resolution, that
+classical baselines, the regression peer, the latent ControlNet (one sample, with ``--data_consistency`` for
+super-resolution, the mean of K samples) and posterior sampling with the task's known operator. Where that operator
+is not the identity (super-resolution, deblurring), the data-consistency step (least squares toward the input with
+the known operator, ``scripts.posterior.least_squares_consistency``) also gets its own rows: after interpolation or
+on the input itself (the classical counterpart, knowing the operator as posterior sampling does), and after
+posterior sampling (its default finish). Oracle rows show the autoencoder's ceiling: the reference itself encoded
+and decoded (what a latent method returns when its prior and ControlNet find the reference's own latent), and that
 reconstruction after the data-consistency step (what the step adds beyond the ceiling). Networks come from the
 main job's configs (``configs/inference.json`` plus ``network_configs``) and ``ckpt_dir``, exactly as
 ``monai.bundle run`` builds them; methods whose weights are missing are skipped and say so. Outputs, per-case
@@ -31,11 +33,11 @@ from scripts.baseline_report import degrade_for_task, restore_all, tuned_best
 from scripts.baselines import resample
 from scripts.datalist import read_datalist
 from scripts.autoencoder import reconstruct_volume
-from scripts.enhance import data_consistency, enhance_volume, inference_parser, physical_range
+from scripts.enhance import enhance_volume, inference_parser, physical_range
 from scripts.evaluate import display_window, evaluate
 from scripts.figures import montage
 from scripts.intensity import denormalize, intensity_params, normalize
-from scripts.posterior import restore
+from scripts.posterior import estimate_noise, forward_operator, least_squares_consistency, restore
 from scripts.volumes import load_volume, save_volume, spacing_of
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,20 @@ def autoencoder_ceiling(x: torch.Tensor, autoencoder: torch.nn.Module, modality:
     return physical_range(denormalize(out[0, 0].float().cpu(), params), x, modality)
 
 
+def _data_consistency(task: str, x: torch.Tensor, affine: np.ndarray, y: torch.Tensor, y_aff: np.ndarray,
+                      modality: str, iters: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For a task with a known operator other than the identity, the map from a volume on the reference grid to
+    its least-squares correction toward ``y`` (``least_squares_consistency``, noise estimated from ``y``), as
+    posterior sampling ends; ``None`` for denoising."""
+    known = dict(TASKS[task]["operator"])
+    if known.pop("operator") == "identity" or iters <= 0:
+        return None
+    operator = forward_operator(TASKS[task]["operator"]["operator"], y.shape, y_aff, x.shape, affine, **known)
+    observed, sigma = y.float(), estimate_noise(y.float())
+    return lambda v: physical_range(least_squares_consistency(v.float(), observed, operator, sigma, iters), y,
+                                    modality)
+
+
 def _timed(fn: Callable[[], torch.Tensor], device: str) -> tuple[torch.Tensor, float]:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -114,12 +130,15 @@ def run(
     seed: int = 0,
     crop: Sequence[int] | None = None,
     strength: float = 0.5,
+    consistency_iters: int = 20,
 ) -> dict:
     """Run, score and time every method on every validation volume; write ``results.md``/``results.json``.
 
     ``crop`` (voxels per axis, -1 for all) keeps the centre of each validation volume, to shorten CPU runs; the
     low-dose CT task needs whole axial slices (its noise is made in the projection domain) and refuses a crop.
     "ours from the input" starts sampling from the noised encoded input at ``strength`` (``--strength``).
+    ``consistency_iters`` is posterior sampling's image-space finish (``configs/inference_posterior.json``),
+    reported as its own row and applied to the classical start and the autoencoder ceiling as well.
     """
     net_cfgs = list(network_configs)
     tasks = list(tasks or TASKS)
@@ -158,12 +177,15 @@ def run(
             save_volume(x, affine, task_dir / "reference.nii.gz")
             save_volume(y, y_aff, task_dir / "degraded.nii.gz")
             restored: dict[str, tuple[torch.Tensor, float]] = {}
+            consistent = _data_consistency(task, x, affine, y, y_aff, modality, consistency_iters)
             if "classical" in methods:
                 restored.update(restore_all(task, y, y_aff, spacing_of(affine)))
-                if task.startswith("ct_sr"):  # the same projection as ours + data consistency, on interpolation
-                    vol, sec = restored["trilinear"]
-                    dc, dc_sec = _timed(lambda: data_consistency(vol.float(), y.float()), "cpu")
-                    restored["trilinear + data consistency"] = (dc, sec + dc_sec)
+                start = "trilinear" if task.startswith("ct_sr") else "degraded input"
+                if consistent is not None:  # the known operator's least squares, from interpolation or the input
+                    vol, sec = restored[start]
+                    dc, dc_sec = _timed(lambda: consistent(vol), "cpu")
+                    restored[f"{start} + data consistency"] = (dc, sec + dc_sec)
+            classical = set(restored)
             image = MetaTensor(y.float()[None], affine=torch.as_tensor(y_aff))
             common = {"target_spacing": spacing_of(affine).tolist(), "modality": modality,
                       "num_inference_steps": num_inference_steps, "seed": seed, "sliding_window": sliding_window,
@@ -172,9 +194,9 @@ def run(
             if "autoencoder ceiling" in methods and autoencoder is not None:
                 ceiling = _timed(lambda: autoencoder_ceiling(x, autoencoder, modality, sliding_window, device), device)
                 restored["autoencoder ceiling (oracle)"] = ceiling
-                if task.startswith("ct_sr"):
+                if consistent is not None:
                     restored["autoencoder ceiling + data consistency (oracle)"] = _timed(
-                        lambda: data_consistency(ceiling[0], y.float()), "cpu")
+                        lambda: consistent(ceiling[0]), "cpu")
             if regression is not None:
                 restored["regression"] = _timed(
                     lambda: enhance_volume(image, regression, method="regression", **common)[0], device)
@@ -195,8 +217,11 @@ def run(
                 res = restore(str(task_dir / "degraded.nii.gz"), str(path), posterior_nets, **TASKS[task]["operator"],
                               target_spacing=spacing_of(affine).tolist(), modality=modality,
                               num_inference_steps=posterior_steps, seed=seed, sliding_window=sliding_window,
-                              device=device)
+                              device=device, consistency_iters=0)
                 restored["posterior (dps)"] = (load_volume(path).as_tensor()[0], res["seconds"])
+                if consistent is not None:  # what restore's default consistency_iters adds
+                    dc, dc_sec = _timed(lambda: consistent(restored["posterior (dps)"][0]), "cpu")
+                    restored["posterior (dps) + data consistency"] = (dc, res["seconds"] + dc_sec)
             cases, seconds = [], {}
             for method, (vol, sec) in restored.items():
                 path = task_dir / f"{re.sub(r'[^A-Za-z0-9]+', '_', method.replace('+', 'plus')).strip('_')}.nii.gz"
@@ -213,7 +238,8 @@ def run(
                 mae_txt = f"{r['mae']:.1f} HU" if modality == "ct" else f"{r['mae']:.4f}"
                 lines.append(f"| {name} | {task} | {m} | {r['psnr']:.2f} | {r['ssim']:.4f} | {mae_txt} | {hu} | "
                              f"{seconds[m]:.1f} |")
-            _task_montage(restored, shown, means, x, y, y_aff, affine, modality, task_dir / f"{task}.png", task)
+            _task_montage(restored, classical & set(shown), means, x, y, y_aff, affine, modality,
+                          task_dir / f"{task}.png", task)
             summary["cases"][f"{name}/{task}"] = {"metrics": {m: means[m] for m in shown},
                                                   "seconds": {m: seconds[m] for m in shown},
                                                   "in_training_range": TASKS[task]["in_training_range"]}
@@ -224,11 +250,10 @@ def run(
     return summary
 
 
-def _task_montage(restored: dict, shown: list[str], means: dict, x: torch.Tensor, y: torch.Tensor,
+def _task_montage(restored: dict, classical: set[str], means: dict, x: torch.Tensor, y: torch.Tensor,
                   y_aff: np.ndarray, affine: np.ndarray, modality: str, path: Path, task: str) -> None:
     """Input (on the reference grid), the best classical method, the regression peer, ours, the reference."""
-    networks = {"regression", "ours", "ours + data consistency", "posterior (dps)"}
-    classical = [m for m in shown if m not in networks and not m.startswith("ours") and m != "degraded input"]
+    classical = classical - {"degraded input"}
     panels = {"input": y if y.shape == x.shape else resample(y, y_aff, spacing_of(affine), "trilinear")[0]}
     if classical:
         best = max(classical, key=lambda m: means[m]["psnr"])
