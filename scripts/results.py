@@ -8,8 +8,10 @@ is not the identity (super-resolution, deblurring), the data-consistency step (l
 the known operator, ``scripts.posterior.least_squares_consistency``) also gets its own rows: after interpolation or
 on the input itself (the classical counterpart, knowing the operator as posterior sampling does), and after
 posterior sampling (its default finish). Oracle rows show the autoencoder's ceiling: the reference itself encoded
-and decoded (what a latent method returns when its prior and ControlNet find the reference's own latent), and that
-reconstruction after the data-consistency step (what the step adds beyond the ceiling). Networks come from the
+and decoded (what a latent method returns when its prior and ControlNet find the reference's own latent), that
+reconstruction after the data-consistency step (what the step adds beyond the ceiling), and the residual-decoding
+design at the same oracle latent: the input on the target grid plus the decoded change from its own latent to the
+reference's, ``c + D(E(x)) - D(E(c))``, which keeps what the input holds whatever the autoencoder loses. Networks come from the
 main job's configs (``configs/inference.json`` plus ``network_configs``) and ``ckpt_dir``, exactly as
 ``monai.bundle run`` builds them; methods whose weights are missing are skipped and say so. Outputs, per-case
 montages (``scripts.evaluate``), one montage per task (input, best classical, regression, ours, reference),
@@ -194,6 +196,10 @@ def run(
             if "autoencoder ceiling" in methods and autoencoder is not None:
                 ceiling = _timed(lambda: autoencoder_ceiling(x, autoencoder, modality, sliding_window, device), device)
                 restored["autoencoder ceiling (oracle)"] = ceiling
+                on_grid = y if y.shape == x.shape else resample(y, y_aff, spacing_of(affine), "trilinear")[0]
+                restored["residual decoding ceiling (oracle)"] = _timed(lambda: physical_range(
+                    on_grid + ceiling[0] - autoencoder_ceiling(on_grid, autoencoder, modality, sliding_window, device),
+                    x, modality), device)
                 if consistent is not None:
                     restored["autoencoder ceiling + data consistency (oracle)"] = _timed(
                         lambda: consistent(ceiling[0]), "cpu")

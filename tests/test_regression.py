@@ -8,6 +8,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 
 from tests.conftest import ROOT, tracked_training
 from tests.test_pipeline import _run
@@ -35,3 +36,17 @@ def test_regression_training_with_mlflow(crops, tmp_path):
     run, artifacts = tracked_training("train_regression.json", crops, tmp_path)
     assert {"train_loss", "val_l1"} <= set(run.data.metrics) and run.data.params["max_epochs"] == "1"
     assert {"regression_checkpoint_final.pt", "regression.pt"} <= artifacts
+
+
+def test_regression_peer_learns_a_residual_over_its_input():
+    """Every size of the peer adds its UNet's output to the resampled input (VDSR-style residual learning): with
+    that output at zero it returns the input unchanged, so training starts from interpolation, not from zero."""
+    for name in ("common.json", "small.json", "tiny.json"):
+        net = ConfigParser.load_config_file(ROOT / "configs" / name)["regression_def"]
+        peer = ConfigParser({"net": net}).get_parsed_content("net").eval()
+        last = [m for m in peer.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+        x = torch.randn(1, 1, 32, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(peer(x), x, msg=name)
