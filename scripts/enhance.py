@@ -170,8 +170,9 @@ def enhance_volume(
     output affine and the modality used. Values are in the input's units.
 
     ``method='regression'`` runs the supervised peer (``networks['regression']``) with MONAI's sliding window on
-    the same condition instead of the latent ControlNet. ``consistency=True`` ends with ``data_consistency``
-    against the input (super-resolution: the input's slices are box-profile slabs of the output grid).
+    the same condition instead of the latent ControlNet. ``consistency=True`` ends either method with
+    ``data_consistency`` against the input (super-resolution: the input's slices are box-profile slabs of the
+    output grid).
     ``strength < 1`` starts sampling from the noised encoded input (see ``sample_latent``).
     """
     device = torch.device(device)
@@ -190,7 +191,10 @@ def enhance_volume(
                                        progress=progress)
         with torch.no_grad(), torch.autocast("cuda", enabled=device.type == "cuda"):
             pred = inferer(normalize(condition, params)[None].to(device), networks["regression"].eval())
-        return physical_range(denormalize(pred[0].float().cpu(), params), image, modality), None, affine, modality
+        out = denormalize(pred[0].float().cpu(), params)
+        if consistency:
+            out = data_consistency(out, image.as_tensor()[0].float())
+        return physical_range(out, image, modality), None, affine, modality
     ae: AutoencoderKL = networks["autoencoder"].eval()
     denoiser = (networks["denoiser"] if "denoiser" in networks
                 else ControlledDenoiser(networks["diffusion"], networks["controlnet"])).eval()

@@ -2,8 +2,8 @@
 
 For each validation entry of a datalist (``scripts.datalist regions`` writes one) and each task of its modality,
 the reference is degraded with a fixed seed (``scripts.baseline_report.degrade_for_task``) and restored by the
-classical baselines, the regression peer, the latent ControlNet (one sample, with ``--data_consistency`` for
-super-resolution, the mean of K samples) and posterior sampling with the task's known operator. Where that operator
+classical baselines, the regression peer and the latent ControlNet (one sample, both with ``--data_consistency``
+for super-resolution too; the ControlNet's mean of K samples) and posterior sampling with the task's known operator. Where that operator
 is not the identity (super-resolution, deblurring), the data-consistency step (least squares toward the input with
 the known operator, ``scripts.posterior.least_squares_consistency``) also gets its own rows: after interpolation or
 on the input itself (the classical counterpart, knowing the operator as posterior sampling does), and after
@@ -206,6 +206,9 @@ def run(
             if regression is not None:
                 restored["regression"] = _timed(
                     lambda: enhance_volume(image, regression, method="regression", **common)[0], device)
+                if task.startswith("ct_sr"):
+                    restored["regression + data consistency"] = _timed(lambda: enhance_volume(
+                        image, regression, method="regression", consistency=True, **common)[0], device)
             if ours is not None:
                 if "ours" in methods:
                     restored["ours"] = _timed(lambda: enhance_volume(image, ours, **common)[0], device)

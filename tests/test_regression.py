@@ -38,15 +38,44 @@ def test_regression_training_with_mlflow(crops, tmp_path):
     assert {"regression_checkpoint_final.pt", "regression.pt"} <= artifacts
 
 
+def _silence_unet(peer: torch.nn.Module) -> None:
+    """Zero the UNet's last convolution, so that its output is zero."""
+    last = [m for m in peer.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+
+
 def test_regression_peer_learns_a_residual_over_its_input():
     """Every size of the peer adds its UNet's output to the resampled input (VDSR-style residual learning): with
     that output at zero it returns the input unchanged, so training starts from interpolation, not from zero."""
     for name in ("common.json", "small.json", "tiny.json"):
         net = ConfigParser.load_config_file(ROOT / "configs" / name)["regression_def"]
         peer = ConfigParser({"net": net}).get_parsed_content("net").eval()
-        last = [m for m in peer.modules() if isinstance(m, torch.nn.Conv3d)][-1]
-        torch.nn.init.zeros_(last.weight)
-        torch.nn.init.zeros_(last.bias)
+        _silence_unet(peer)
         x = torch.randn(1, 1, 32, 32, 32)
         with torch.no_grad():
             torch.testing.assert_close(peer(x), x, msg=name)
+
+
+def test_data_consistency_applies_to_the_regression_peer():
+    """``--data_consistency true`` with ``--method regression``: the output's slabs give the input back (it was
+    silently ignored for the peer before 0.9.0)."""
+    from monai.data import MetaTensor
+
+    from scripts.enhance import enhance_volume, slab_matrix
+    from scripts.grid import apply_along_axis
+
+    torch.manual_seed(0)
+    tiny = ConfigParser.load_config_file(ROOT / "configs" / "tiny.json")["regression_def"]
+    peer = ConfigParser({"net": tiny}).get_parsed_content("net")
+    _silence_unet(peer)  # the peer returns trilinear interpolation, whose slabs miss the input
+    y = 50 * torch.rand(1, 32, 32, 8)
+    image = MetaTensor(y, affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0])))
+    common = {"target_spacing": [1.0, 1.0, 1.0], "modality": "ct", "method": "regression", "progress": False,
+              "sliding_window": {"roi_size": [32, 32, 16], "overlap": 0.25}}
+    misfit = {}
+    for dc in (False, True):
+        out = enhance_volume(image, {"regression": peer}, consistency=dc, **common)[0]
+        assert out.shape == (1, 32, 32, 16)
+        misfit[dc] = float((apply_along_axis(out.double(), slab_matrix(8, 16), 3) - y).abs().max())
+    assert misfit[True] < 1e-3 < misfit[False]
