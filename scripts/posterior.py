@@ -104,7 +104,9 @@ def least_squares_consistency(
     max_iters: int = 20,
 ) -> torch.Tensor:
     """Move ``x`` toward ``observed = A x`` in image space: CGLS iterations on ``||y - A x||`` from ``x``, stopped
-    by the discrepancy principle (``||y - A x|| <= noise_sigma sqrt(m)``) so that noise is not fitted.
+    by the discrepancy principle so that noise is not fitted: a step that would take the misfit under
+    ``noise_sigma sqrt(m)`` is shortened to end on it (for the identity, denoising, the one step toward ``y``
+    becomes the blend of ``x`` and ``y`` whose misfit is the noise level).
 
     The changes lie in the range of ``A^T``, so what ``y`` cannot tell (the null space of ``A``) stays the
     prior's; without noise and for the box thick-slice operator this is the projection of
@@ -128,7 +130,14 @@ def least_squares_consistency(
             if torch.linalg.vector_norm(r) <= tolerance or gamma == 0:
                 break
             q = operator(p)
-            alpha = gamma / q.pow(2).sum().clamp_min(1e-30)
+            qq = q.pow(2).sum().clamp_min(1e-30)
+            alpha = gamma / qq
+            if torch.linalg.vector_norm(r - alpha * q) < tolerance:
+                # the full step would fit noise (one step reaches y for the identity): stop on the noise level
+                rq, rr = (r * q).sum(), r.pow(2).sum()
+                alpha = (rq - (rq**2 - qq * (rr - tolerance**2)).clamp_min(0).sqrt()) / qq
+                x = x + alpha * p
+                break
             x, r = x + alpha * p, r - alpha * q
             s = adjoint(r)
             gamma, previous = s.pow(2).sum(), gamma
