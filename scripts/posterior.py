@@ -16,9 +16,8 @@ and grows linearly to ``step_size`` over the steps with ``schedule='linear'``. `
 ReSample-style (Song et al. 2023) optimisation of the final latent against ``y``, and ``consistency_iters`` with
 CGLS iterations in image space (``least_squares_consistency``): the decoder cannot return the detail its
 autoencoder loses, this step restores what ``y`` holds of it and leaves the rest (the null space of ``A``) to the
-prior. Memory is bounded: the prior and
-the decoder run window by window (``tiled_apply``) and every window is wrapped in activation checkpointing, so
-back-propagation holds one window's activations at a time.
+prior. Memory is bounded: the prior and the decoder run window by window (``tiled_apply``) and every window is
+wrapped in activation checkpointing, so back-propagation holds one window's activations at a time.
 """
 
 from __future__ import annotations

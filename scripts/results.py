@@ -2,16 +2,17 @@
 
 For each validation entry of a datalist (``scripts.datalist regions`` writes one) and each task of its modality,
 the reference is degraded with a fixed seed (``scripts.baseline_report.degrade_for_task``) and restored by the
-classical baselines, the regression peer and the latent ControlNet (one sample, both with ``--data_consistency``
-for super-resolution too; the ControlNet's mean of K samples) and posterior sampling with the task's known operator. Where that operator
-is not the identity (super-resolution, deblurring), the data-consistency step (least squares toward the input with
-the known operator, ``scripts.posterior.least_squares_consistency``) also gets its own rows: after interpolation or
-on the input itself (the classical counterpart, knowing the operator as posterior sampling does), and after
-posterior sampling (its default finish). Oracle rows show the autoencoder's ceiling: the reference itself encoded
-and decoded (what a latent method returns when its prior and ControlNet find the reference's own latent), that
-reconstruction after the data-consistency step (what the step adds beyond the ceiling), and the residual-decoding
-design at the same oracle latent: the input on the target grid plus the decoded change from its own latent to the
-reference's, ``c + D(E(x)) - D(E(c))``, which keeps what the input holds whatever the autoencoder loses. Networks come from the
+classical baselines, the regression peer and the latent ControlNet (one sample, both also with
+``--data_consistency`` for super-resolution; the ControlNet's mean of K samples), and posterior sampling with the
+task's known operator. Where that operator is not the identity (super-resolution, deblurring), the
+data-consistency step (least squares toward the input with the known operator,
+``scripts.posterior.least_squares_consistency``) gets its own rows: after interpolation or on the input itself
+(the classical counterpart, knowing the operator as posterior sampling does), and after posterior sampling (its
+default finish). Oracle rows show the autoencoder's ceiling: the reference itself encoded and decoded (what a
+latent method returns when its prior and ControlNet find the reference's own latent), that reconstruction after
+the data-consistency step (what the step adds beyond the ceiling), and the residual-decoding design at the same
+oracle latent: the input on the target grid plus the decoded change from its own latent to the reference's,
+``c + D(E(x)) - D(E(c))``, in which what the autoencoder loses on both sides cancels. Networks come from the
 main job's configs (``configs/inference.json`` plus ``network_configs``) and ``ckpt_dir``, exactly as
 ``monai.bundle run`` builds them; methods whose weights are missing are skipped and say so. Outputs, per-case
 montages (``scripts.evaluate``), one montage per task (input, best classical, regression, ours, reference),
@@ -99,9 +100,10 @@ def _data_consistency(task: str, x: torch.Tensor, affine: np.ndarray, y: torch.T
     its least-squares correction toward ``y`` (``least_squares_consistency``, noise estimated from ``y``), as
     posterior sampling ends; ``None`` for denoising."""
     known = dict(TASKS[task]["operator"])
-    if known.pop("operator") == "identity" or iters <= 0:
+    name = known.pop("operator")
+    if name == "identity" or iters <= 0:
         return None
-    operator = forward_operator(TASKS[task]["operator"]["operator"], y.shape, y_aff, x.shape, affine, **known)
+    operator = forward_operator(name, y.shape, y_aff, x.shape, affine, **known)
     observed, sigma = y.float(), estimate_noise(y.float())
     return lambda v: physical_range(least_squares_consistency(v.float(), observed, operator, sigma, iters), y,
                                     modality)

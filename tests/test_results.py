@@ -37,5 +37,6 @@ def test_results_table_runs_every_method_and_data_consistency_never_hurts(crops,
         if task == "ct_sr_5to10mm":
             pairs.append(("ours", "ours_plus_data_consistency"))
         for before, after in pairs:
-            err = [np.linalg.norm(nib.load(out / "c" / task / f"{m}.nii.gz").get_fdata() - ref) for m in (before, after)]
+            err = [np.linalg.norm(nib.load(out / "c" / task / f"{m}.nii.gz").get_fdata() - ref)
+                   for m in (before, after)]
             assert err[1] < err[0], (task, before)
