@@ -66,8 +66,13 @@ study: $(STAMP)
 # and `--max_seconds 480 --resume auto --patience 5`, so each 10-minute call ends on an epoch with its checkpoint
 # and the next call goes on (the best model and the patience count survive the resume). Keep --ckpt_dir under
 # outputs/ (git-ignored: it stays on the machine between calls while it is warm; a full checkpoint is too large
-# to come back through $OUT, only the <stage>.pt weights, split under 16 MiB, and the logs). After stage 1, run
-# configs/results.json with `--methods "['classical','autoencoder ceiling']"` here before training stages 2-3.
+# to come back through $OUT, only the <stage>.pt weights, split under 16 MiB, and the logs). Every <stage>.pt of
+# configs/common.json is over 16 MiB in float32 (autoencoder 20.0, prior 39.3, ControlNet 16.6, regression 21.9)
+# and $OUT holds 64 MiB a call, so one network comes back per call: there `sha256sum W.pt && split -b 15M W.pt
+# $OUT/W.pt.part-`, here `cat .../W.pt.part-* > models/W.pt && sha256sum models/W.pt` (the sums must match).
+# A later session (the machine given back, no checkpoint on it) goes on with `--init_weights models/W.pt` carried
+# (fresh optimizer and schedule). After stage 1, run configs/results.json with
+# `--methods "['classical','autoencoder ceiling']"` here before training stages 2-3.
 DEVICE_WHEELS := monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2 pydicom==3.0.2 pynrrd==1.1.3 fire==0.7.1 \
 	termcolor==3.3.0 PyWavelets==1.8.0
 device-kit: $(STAMP)

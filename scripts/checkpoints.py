@@ -1,5 +1,6 @@
 """Training that spans several runs: periodic checkpoints that include the engine itself, resuming from the
-latest of them with the best validation score so far, early stopping, and a time budget per run.
+latest of them with the best validation score so far, early stopping, a time budget per run, and a warm start
+from an earlier run's weights alone.
 
 A bundle config cannot put the trainer into the ``save_dict`` of one of the trainer's own handlers (a circular
 reference), so these handlers add the engine they are attached to.
@@ -61,6 +62,31 @@ class ResumeHandler:
         logger.info("resuming from %s", path)
         CheckpointLoader(load_path=str(path), load_dict={**self.load_dict, "trainer": engine},
                          map_location=self.map_location, name="resume").attach(engine)
+
+
+class WarmStart:
+    """``--init_weights FILE``: when training starts, load an earlier run's ``<stage>.pt`` into ``networks`` (the
+    module inside a DDP or EMA wrapper), with a fresh optimizer, schedule and iteration count. For going on in a
+    new session on a machine that kept no checkpoint (a full checkpoint's optimizer states are too large to carry
+    back), or fine-tuning on new data. List it before ``ResumeHandler``: a checkpoint resumed after it wins.
+    """
+
+    def __init__(self, path: str | None, networks: Sequence[torch.nn.Module],
+                 loader: Callable[..., torch.nn.Module] | None = None,
+                 map_location: str | torch.device | None = None) -> None:
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no weights to start from (--init_weights)")
+        self.path, self.networks = path, list(networks)
+        self.loader, self.map_location = loader or load_weights, map_location or "cpu"
+
+    def attach(self, engine: Engine) -> None:
+        if self.path:
+            engine.add_event_handler(Events.STARTED, self._load)
+
+    def _load(self, engine: Engine) -> None:
+        for network in self.networks:
+            self.loader(getattr(network, "module", network), self.path, self.map_location)
+        logger.info("started from the weights of %s (fresh optimizer and schedule)", self.path)
 
 
 class TrainingCheckpointSaver:

@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser
 from monai.engines import SupervisedEvaluator
 from monai.handlers import ValidationHandler
 
-from scripts.checkpoints import ResumeHandler, TimeBudget, ValidationRecord
+from scripts.checkpoints import ResumeHandler, TimeBudget, ValidationRecord, WarmStart
 from scripts.options import flag
 from tests.conftest import ROOT
 
@@ -142,3 +142,29 @@ def test_the_best_model_survives_a_resume_and_patience_stops_training(stage, tmp
     assert trainer.state.epoch == 4  # one stale validation before the restart, a second after it: stop
     with pytest.raises(ValueError, match="patience"):
         ValidationRecord(None, None, -1)
+
+
+def test_warm_start_loads_weights_and_a_resumed_checkpoint_wins(tmp_path):
+    """--init_weights: the networks (inside a wrapper too) start from the file; --resume, listed after it, wins."""
+    torch.manual_seed(0)
+    start, resumed, net = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    torch.save(start.state_dict(), tmp_path / "start.pt")
+    wrapper = torch.optim.swa_utils.AveragedModel(torch.nn.Linear(2, 2))  # as the prior's EMA copy
+
+    def first_weights(handlers) -> list[torch.Tensor]:
+        seen = []
+        engine = Engine(lambda e, b: seen or seen.extend([net.weight.clone(), wrapper.module.weight.clone()]))
+        for h in handlers:
+            h.attach(engine)
+        engine.run([0], max_epochs=2)
+        return seen
+
+    warm = WarmStart(str(tmp_path / "start.pt"), [net, wrapper])
+    assert all(torch.equal(w, start.weight) for w in first_weights([warm]))
+    torch.save({"net": resumed.state_dict(), "trainer": {"epoch": 1, "max_epochs": 2, "epoch_length": 1}},
+               tmp_path / "x_checkpoint_epoch=1.pt")
+    resume = ResumeHandler(True, str(tmp_path), "x", {"net": net})
+    assert torch.equal(first_weights([warm, resume])[0], resumed.weight)
+    assert torch.equal(first_weights([WarmStart(None, [net])])[0], net.weight)  # off: nothing loaded
+    with pytest.raises(FileNotFoundError, match="init_weights"):
+        WarmStart(str(tmp_path / "missing.pt"), [net])

@@ -116,3 +116,16 @@ def test_prior_matches_the_autoencoder_latents():
         cfg = json.loads((ROOT / "configs" / name).read_text())
         assert cfg["diffusion_def"]["in_channels"] == cfg["autoencoder_def"]["latent_channels"]
         assert cfg["diffusion_def"]["out_channels"] == cfg["autoencoder_def"]["latent_channels"]
+
+
+def test_training_can_start_from_earlier_weights(latents, tmp_path):
+    """``--init_weights`` loads the prior and its EMA copy; with the learning rate at 0 the best model kept by
+    validation (the EMA's) is exactly the file it started from."""
+    torch.manual_seed(1)
+    start = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text())).get_parsed_content(
+        "diffusion_def").state_dict()
+    torch.save(start, tmp_path / "start.pt")
+    run_diffusion(latents, tmp_path / "ckpt", max_epochs=1, val_interval=1, lr=0.0,
+                  init_weights=str(tmp_path / "start.pt"))
+    best = torch.load(tmp_path / "ckpt" / "diffusion.pt", weights_only=True)
+    assert all(torch.equal(best[k], v) for k, v in start.items())

@@ -79,3 +79,16 @@ def test_data_consistency_applies_to_the_regression_peer():
         assert out.shape == (1, 32, 32, 16)
         misfit[dc] = float((apply_along_axis(out.double(), slab_matrix(8, 16), 3) - y).abs().max())
     assert misfit[True] < 1e-3 < misfit[False]
+
+
+def test_training_can_start_from_earlier_weights(crops, tmp_path):
+    """``--init_weights``: with the learning rate at 0 the trained peer is exactly the file it started from."""
+    torch.manual_seed(1)
+    tiny = ConfigParser.load_config_file(ROOT / "configs" / "tiny.json")["regression_def"]
+    start = ConfigParser({"net": tiny}).get_parsed_content("net").state_dict()
+    torch.save(start, tmp_path / "start.pt")
+    parser = _run(["train_regression.json", "tiny.json"], datalist=str(crops / "datalist.json"),
+                  ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "tb"), max_epochs=1, lr=0.0,
+                  init_weights=str(tmp_path / "start.pt"))
+    trained = parser.get_parsed_content("regression").state_dict()
+    assert all(torch.equal(trained[k].cpu(), v) for k, v in start.items())
