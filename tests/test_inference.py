@@ -265,3 +265,25 @@ def test_strength_starts_from_the_noised_encoded_input_and_runs_only_the_last_st
     with pytest.raises(ValueError, match="encode_condition"):
         sample_latent(denoiser, scheduler, torch.rand(1, 1, 16, 16, 8), 2, 2, 20, torch.Generator(), [8, 8, 4],
                       progress=False, strength=0.5)
+
+
+@pytest.mark.parametrize("roi,strength", [((16, 16, 8), 1.0), ((6, 10, 4), 1.0), ((6, 10, 4), 0.4)])
+def test_sampling_with_an_oracle_denoiser_returns_the_clean_latent(roi, strength):
+    """The sampling loop itself (DDIM steps, windows with halo and blending, SDEdit start): a denoiser that knows
+    the clean latent (passed as the encoded condition, so each window sees its own part) predicts the exact
+    noise, and deterministic DDIM must then end on that latent, with one window or many."""
+    from monai.bundle import ConfigParser
+
+    from scripts.enhance import sample_latent
+
+    scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
+        "inference_scheduler_def")
+    clean = torch.randn(1, 4, 16, 16, 8, generator=torch.Generator().manual_seed(0))
+
+    def oracle(z: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        ab = scheduler.alphas_cumprod[int(t)]
+        return (z - ab.sqrt() * condition) / (1 - ab).sqrt()
+
+    z = sample_latent(oracle, scheduler, clean, 4, 1, 10, torch.Generator().manual_seed(1), roi, overlap=0.5,
+                      halo=2, progress=False, unit=2, strength=strength)
+    torch.testing.assert_close(z, clean, atol=1e-4, rtol=1e-4)
