@@ -67,9 +67,10 @@ study: $(STAMP)
 # and the next call goes on (the best model and the patience count survive the resume). Keep --ckpt_dir under
 # outputs/ (git-ignored: it stays on the machine between calls while it is warm; a full checkpoint is too large
 # to come back through $OUT, only the <stage>.pt weights, split under 16 MiB, and the logs). Every <stage>.pt of
-# configs/common.json is over 16 MiB in float32 (autoencoder 20.0, prior 39.3, ControlNet 16.6, regression 21.9)
-# and $OUT holds 64 MiB a call, so one network comes back per call: there `sha256sum W.pt && split -b 15M W.pt
-# $OUT/W.pt.part-`, here `cat .../W.pt.part-* > models/W.pt && sha256sum models/W.pt` (the sums must match).
+# configs/common.json is over 16 MiB (16.8 MB) in float32 (`python -m scripts.bench sizes`: autoencoder 21.0,
+# prior 41.2, ControlNet 17.4, regression 23.0 MB) and $OUT holds 64 MiB a call, so one network comes back per
+# call: there `sha256sum W.pt && split -b 15M W.pt $OUT/W.pt.part-`, here
+# `cat .../W.pt.part-* > models/W.pt && sha256sum models/W.pt` (the sums must match).
 # A later session (the machine given back, no checkpoint on it) goes on with `--init_weights models/W.pt` carried
 # (fresh optimizer and schedule). After stage 1, run configs/results.json with
 # `--methods "['classical','autoencoder ceiling']"` here before training stages 2-3.

@@ -182,6 +182,7 @@ def run(
             save_volume(y, y_aff, task_dir / "degraded.nii.gz")
             restored: dict[str, tuple[torch.Tensor, float]] = {}
             consistent = _data_consistency(task, x, affine, y, y_aff, modality, consistency_iters)
+            on_grid = y if y.shape == x.shape else resample(y, y_aff, spacing_of(affine), "trilinear")[0]
             if "classical" in methods:
                 restored.update(restore_all(task, y, y_aff, spacing_of(affine)))
                 start = "trilinear" if task.startswith("ct_sr") else "degraded input"
@@ -198,7 +199,6 @@ def run(
             if "autoencoder ceiling" in methods and autoencoder is not None:
                 ceiling = _timed(lambda: autoencoder_ceiling(x, autoencoder, modality, sliding_window, device), device)
                 restored["autoencoder ceiling (oracle)"] = ceiling
-                on_grid = y if y.shape == x.shape else resample(y, y_aff, spacing_of(affine), "trilinear")[0]
                 restored["residual decoding ceiling (oracle)"] = _timed(lambda: physical_range(
                     on_grid + ceiling[0] - autoencoder_ceiling(on_grid, autoencoder, modality, sliding_window, device),
                     x, modality), device)
@@ -249,7 +249,7 @@ def run(
                 mae_txt = f"{r['mae']:.1f} HU" if modality == "ct" else f"{r['mae']:.4f}"
                 lines.append(f"| {name} | {task} | {m} | {r['psnr']:.2f} | {r['ssim']:.4f} | {mae_txt} | {hu} | "
                              f"{seconds[m]:.1f} |")
-            _task_montage(restored, classical & set(shown), means, x, y, y_aff, affine, modality,
+            _task_montage(restored, classical & set(shown), means, x, on_grid, affine, modality,
                           task_dir / f"{task}.png", task)
             summary["cases"][f"{name}/{task}"] = {"metrics": {m: means[m] for m in shown},
                                                   "seconds": {m: seconds[m] for m in shown},
@@ -261,11 +261,12 @@ def run(
     return summary
 
 
-def _task_montage(restored: dict, classical: set[str], means: dict, x: torch.Tensor, y: torch.Tensor,
-                  y_aff: np.ndarray, affine: np.ndarray, modality: str, path: Path, task: str) -> None:
-    """Input (on the reference grid), the best classical method, the regression peer, ours, the reference."""
+def _task_montage(restored: dict, classical: set[str], means: dict, x: torch.Tensor, on_grid: torch.Tensor,
+                  affine: np.ndarray, modality: str, path: Path, task: str) -> None:
+    """Input (``on_grid``: on the reference grid), the best classical method, the regression peer, ours, the
+    reference."""
     classical = classical - {"degraded input"}
-    panels = {"input": y if y.shape == x.shape else resample(y, y_aff, spacing_of(affine), "trilinear")[0]}
+    panels = {"input": on_grid}
     if classical:
         best = max(classical, key=lambda m: means[m]["psnr"])
         panels[best] = restored[best][0]
