@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench study device-kit clean
+.PHONY: install demo test bench study study-mr device-kit clean
 
 install: $(STAMP)
 
@@ -29,35 +29,48 @@ bench: $(STAMP)
 	$(PY) -m scripts.bench posterior
 	$(PY) -m scripts.bench demo
 
-# CPU study (about 1.5 h on 2 cores): small networks trained on lung1's training region, then the results table
-# on its held-out region. It measures the design choices (data consistency, posterior sampling); it is not the
-# shipped model. Needs ../shared/data. Logs and outputs in outputs/study/.
+# CPU study (about 1.5 h on 2 cores): small networks trained on a training region, then the results table on the
+# held-out region. It measures the design choices (data consistency, posterior sampling); it is not the shipped
+# model. Needs ../shared/data. Logs and outputs in $(S)/. `make study`: lung1 CT (5 -> 10 mm SR, 3 mm blur);
+# `make study-mr`: the MNI T1 template (1 -> 4 mm and 1 -> 8 mm SR, 8 beyond the ControlNet's factors 1-6; Rician
+# denoising), with every MR degradation in training (they are cheap; CT's low-dose projections are not).
 S := outputs/study
 RUN := $(PY) -m monai.bundle run
-SMALL := 'configs/small.json','configs/fast_pairs.json'
+STUDY_VOLUMES := {'lung1_image.nrrd': 'ct'}
+VAL_FRACTION := 0.25
+PAIRS := 'configs/small.json','configs/fast_pairs.json'
+STUDY_TASKS := ['ct_sr_5to10mm','ct_blur_gaussian_3mm']
+STUDY_CROP := [256,256,-1]
+STUDY_ROI := [256,256,32]
 study: $(STAMP)
 	mkdir -p $(S)/logs
-	$(PY) -m scripts.datalist regions ../shared/data $(S)/regions --volumes "{'lung1_image.nrrd': 'ct'}"
-	$(RUN) training --config_file "['configs/train_autoencoder.json',$(SMALL)]" --datalist $(S)/regions/datalist.json \
+	$(PY) -m scripts.datalist regions ../shared/data $(S)/regions --volumes "$(STUDY_VOLUMES)" \
+	    --val_fraction $(VAL_FRACTION)
+	$(RUN) training --config_file "['configs/train_autoencoder.json',$(PAIRS)]" --datalist $(S)/regions/datalist.json \
 	    --ckpt_dir $(S)/models --output_dir $(S)/autoencoder --max_epochs 16 --epoch_length 50 --val_interval 4 \
 	    --lr 0.0005 > $(S)/logs/autoencoder.log 2>&1
-	$(RUN) --config_file "['configs/prepare_latents.json',$(SMALL)]" --datalist $(S)/regions/datalist.json \
+	$(RUN) --config_file "['configs/prepare_latents.json',$(PAIRS)]" --datalist $(S)/regions/datalist.json \
 	    --ckpt_dir $(S)/models --output_dir $(S)/latents > $(S)/logs/latents.log 2>&1
-	$(RUN) training --config_file "['configs/train_diffusion.json',$(SMALL)]" --datalist $(S)/latents/datalist_latents.json \
+	$(RUN) training --config_file "['configs/train_diffusion.json',$(PAIRS)]" --datalist $(S)/latents/datalist_latents.json \
 	    --ckpt_dir $(S)/models --output_dir $(S)/diffusion --max_epochs 60 --epoch_length 50 --val_interval 5 \
 	    --lr 0.0005 --ema_decay 0.99 > $(S)/logs/diffusion.log 2>&1
-	$(RUN) training --config_file "['configs/train_controlnet.json',$(SMALL)]" --datalist $(S)/regions/datalist.json \
+	$(RUN) training --config_file "['configs/train_controlnet.json',$(PAIRS)]" --datalist $(S)/regions/datalist.json \
 	    --ckpt_dir $(S)/models --output_dir $(S)/controlnet --max_epochs 8 --epoch_length 50 --val_interval 2 \
 	    --lr 0.0005 > $(S)/logs/controlnet.log 2>&1
-	$(RUN) training --config_file "['configs/train_regression.json',$(SMALL)]" --datalist $(S)/regions/datalist.json \
+	$(RUN) training --config_file "['configs/train_regression.json',$(PAIRS)]" --datalist $(S)/regions/datalist.json \
 	    --ckpt_dir $(S)/models --output_dir $(S)/regression --max_epochs 8 --epoch_length 50 --val_interval 2 \
 	    --lr 0.001 > $(S)/logs/regression.log 2>&1
 	$(RUN) --config_file configs/results.json --datalist $(S)/regions/datalist.json --ckpt_dir $(S)/models \
-	    --network_configs "['configs/small.json']" --output_dir $(S)/results --crop "[256,256,-1]" \
-	    --sliding_window "{'roi_size': [256, 256, 32], 'overlap': 0.25, 'sampling_overlap': 0.5}" \
-	    --tasks "['ct_sr_5to10mm','ct_blur_gaussian_3mm']" --posterior_steps 25 > $(S)/logs/results.log 2>&1
+	    --network_configs "['configs/small.json']" --output_dir $(S)/results --crop "$(STUDY_CROP)" \
+	    --sliding_window "{'roi_size': $(STUDY_ROI), 'overlap': 0.25, 'sampling_overlap': 0.5}" \
+	    --tasks "$(STUDY_TASKS)" --posterior_steps 25 > $(S)/logs/results.log 2>&1
 	$(PY) -m scripts.figures curves $(S)/curves.png --runs "{'autoencoder': '$(S)/autoencoder', \
 	    'prior': '$(S)/diffusion', 'controlnet': '$(S)/controlnet', 'regression': '$(S)/regression'}"
+
+study-mr:
+	$(MAKE) study S=outputs/study_mr STUDY_VOLUMES="{'mni152_t1_1mm.nii.gz': 'mr'}" VAL_FRACTION=0.3 \
+	    PAIRS="'configs/small.json'" STUDY_TASKS="['mr_sr_1to4mm','mr_sr_1to8mm','mr_rician5']" \
+	    STUDY_CROP="[160,176,40]" STUDY_ROI="[160,176,48]"
 
 # For training on the development GPU machine (the library's device tool; its Python 3.12 has torch but not these):
 # the missing wheels in .whl/ and the development region split in .data/regions/, both git-ignored, about 28 MB

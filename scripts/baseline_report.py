@@ -9,6 +9,7 @@ sigma or factor that scores best against the reference: an oracle choice that fa
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -32,11 +33,22 @@ TASKS = {
 }
 
 
+def sr_factor(task: str) -> float | None:
+    """The through-plane factor of a super-resolution task named ``<modality>_sr_<A>to<B>mm`` (B / A, e.g. 2 for
+    ct_sr_5to10mm, 8 for mr_sr_1to8mm); ``None`` for any other task."""
+    match = re.search(r"_sr_(\d+(?:\.\d+)?)to(\d+(?:\.\d+)?)mm$", task)
+    return float(match[2]) / float(match[1]) if match else None
+
+
 def degrade_for_task(task: str, x: torch.Tensor, affine: np.ndarray, seed: int) -> tuple[torch.Tensor, np.ndarray]:
-    """The degraded volume and its affine for ``task`` (a key of ``TASKS``), with a fixed seed."""
+    """The degraded volume and its affine for ``task`` (a key of ``TASKS``, or of ``scripts.results.TASKS``), with
+    a fixed seed: thick slices with a box profile along the third axis (super-resolution), quarter-dose CT, Gaussian
+    blur, or Rician noise of 5 % of the 99th percentile."""
     gen = torch.Generator().manual_seed(seed)
-    if task.startswith("ct_sr"):
-        return thick_slice(x, 2, axis=2, profile="box"), thick_slice_affine(affine, x.shape[-1], 2, axis=2)
+    factor = sr_factor(task)
+    if factor is not None:
+        return (thick_slice(x, factor, axis=2, profile="box"),
+                thick_slice_affine(affine, x.shape[-1], factor, axis=2))
     if task.startswith("ct_lowdose"):
         return lowdose_ct(x, spacing_of(affine), dose_fraction=0.25, generator=gen), affine
     if "_blur_gaussian_" in task:  # e.g. ct_blur_gaussian_3mm: Gaussian sigma in mm
@@ -48,7 +60,7 @@ def degrade_for_task(task: str, x: torch.Tensor, affine: np.ndarray, seed: int) 
 def restore_all(task: str, y: torch.Tensor, y_aff: np.ndarray, target_spacing: np.ndarray) -> dict[str, tuple]:
     """Every baseline's output for the degraded ``y``, with the seconds it took."""
     out = {}
-    if task.startswith("ct_sr"):
+    if sr_factor(task) is not None:
         for method in ("trilinear", "bspline"):
             t0 = time.perf_counter()
             v, _ = resample(y, y_aff, target_spacing, method)

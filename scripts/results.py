@@ -52,11 +52,19 @@ TASKS: dict[str, dict] = {
     "ct_lowdose_quarter": {"modality": "ct", "operator": {"operator": "identity"}, "in_training_range": True},
     "ct_blur_gaussian_3mm": {"modality": "ct", "operator": {"operator": "blur", "kernel": "gaussian",
                                                             "sigma_mm": 3.0}, "in_training_range": False},
+    "mr_sr_1to4mm": {"modality": "mr", "operator": {"operator": "thick_slice", "factor": 4.0, "profile": "box"},
+                     "in_training_range": True},
+    "mr_sr_1to8mm": {"modality": "mr", "operator": {"operator": "thick_slice", "factor": 8.0, "profile": "box"},
+                     "in_training_range": False},
     "mr_rician5": {"modality": "mr", "operator": {"operator": "identity"}, "in_training_range": True},
 }
 METHODS = ("classical", "autoencoder ceiling", "regression", "ours", "ours + data consistency", "ours from the input",
            "ours mean", "posterior")
 LATENT_METHODS = {"autoencoder ceiling", "ours", "ours + data consistency", "ours from the input", "ours mean"}
+
+
+def _is_sr(task: str) -> bool:
+    return TASKS[task]["operator"]["operator"] == "thick_slice"
 
 
 def load_networks(config_files: Sequence[str], ckpt_dir: str, device: str) -> dict | None:
@@ -185,7 +193,7 @@ def run(
             on_grid = y if y.shape == x.shape else resample(y, y_aff, spacing_of(affine), "trilinear")[0]
             if "classical" in methods:
                 restored.update(restore_all(task, y, y_aff, spacing_of(affine)))
-                start = "trilinear" if task.startswith("ct_sr") else "degraded input"
+                start = "trilinear" if _is_sr(task) else "degraded input"
                 if consistent is not None:  # the known operator's least squares, from interpolation or the input
                     vol, sec = restored[start]
                     dc, dc_sec = _timed(lambda: consistent(vol), "cpu")
@@ -208,13 +216,13 @@ def run(
             if regression is not None:
                 restored["regression"] = _timed(
                     lambda: enhance_volume(image, regression, method="regression", **common)[0], device)
-                if task.startswith("ct_sr"):
+                if _is_sr(task):
                     restored["regression + data consistency"] = _timed(lambda: enhance_volume(
                         image, regression, method="regression", consistency=True, **common)[0], device)
             if ours is not None:
                 if "ours" in methods:
                     restored["ours"] = _timed(lambda: enhance_volume(image, ours, **common)[0], device)
-                if "ours + data consistency" in methods and task.startswith("ct_sr"):
+                if "ours + data consistency" in methods and _is_sr(task):
                     restored["ours + data consistency"] = _timed(
                         lambda: enhance_volume(image, ours, consistency=True, **common)[0], device)
                 if "ours from the input" in methods and ours.get("encode_condition"):

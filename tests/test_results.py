@@ -6,6 +6,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from scripts.results import run
 
@@ -40,3 +41,19 @@ def test_results_table_runs_every_method_and_data_consistency_never_hurts(crops,
             err = [np.linalg.norm(nib.load(out / "c" / task / f"{m}.nii.gz").get_fdata() - ref)
                    for m in (before, after)]
             assert err[1] < err[0], (task, before)
+
+
+def test_super_resolution_tasks_degrade_by_the_factor_of_their_operator():
+    from scripts.baseline_report import degrade_for_task, sr_factor
+    from scripts.results import TASKS
+
+    x, affine = torch.rand(6, 5, 16, dtype=torch.float64), np.diag([0.5, 0.5, 1.0, 1.0])
+    sr = [t for t, spec in TASKS.items() if spec["operator"]["operator"] == "thick_slice"]
+    assert {"ct_sr_5to10mm", "mr_sr_1to8mm"} <= set(sr)
+    for task in sr:
+        factor = TASKS[task]["operator"]["factor"]
+        assert sr_factor(task) == factor
+        y, y_aff = degrade_for_task(task, x, affine, seed=0)
+        assert y.shape == (6, 5, 16 // int(factor))
+        assert np.isclose(y_aff[2, 2], factor) and np.isclose(y[..., 0].mean(), x[..., :int(factor)].mean())
+    assert all(sr_factor(t) is None for t in TASKS if t not in sr)
