@@ -33,7 +33,8 @@ from skimage.restoration import estimate_sigma
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from scripts.autoencoder import downsample_factor, pad_for, tiled_apply
+from scripts.autoencoder import downsample_factor, encode_volume, pad_for, tiled_apply
+from scripts.baselines import resample
 from scripts.degradations import blur, kspace_truncate
 from scripts.diffusion import unet_divisor
 from scripts.enhance import physical_range, resolve_modality, target_spacing_of
@@ -169,8 +170,15 @@ def posterior_sample(
     halo: int = 4,
     record: Callable[[int, torch.Tensor], None] | None = None,
     progress: bool = True,
+    start: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
-    """A normalised volume ``(1, 1, *out_shape)`` whose re-degradation matches the normalised ``observed``."""
+    """A normalised volume ``(1, 1, *out_shape)`` whose re-degradation matches the normalised ``observed``.
+
+    ``strength < 1`` starts from ``start`` (a normalised first estimate on the output grid, e.g. the input
+    interpolated onto it) encoded and noised to the first of the last ``strength`` fraction of the steps, and runs
+    only those (as ``--strength`` in the main job; Chung et al. 2022, "Come-Closer-Diffuse-Faster"): fewer
+    steps, and the estimate's large-scale content instead of what an imperfect prior draws from pure noise."""
     if method not in ("dps", "dmps"):
         raise ValueError(f"method must be 'dps' or 'dmps', got {method!r}")
     if schedule not in ("constant", "linear"):
@@ -181,7 +189,18 @@ def posterior_sample(
     latent_shape = [s // f for s in padded.shape[2:]]
     z = torch.randn((1, diffusion.in_channels, *latent_shape), generator=generator).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    n = len(scheduler.timesteps)
+    timesteps = scheduler.timesteps
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if strength < 1:
+        if start is None:
+            raise ValueError("strength < 1 needs a start estimate")
+        timesteps = timesteps[len(timesteps) - max(1, round(len(timesteps) * strength)):]
+        with torch.no_grad():
+            z_start = encode_volume(autoencoder, pad_for(autoencoder, start.to(device), unit)[0],
+                                    [r * f for r in roi_size], overlap) * scale_factor
+        z = scheduler.add_noise(original_samples=z_start, noise=z, timesteps=timesteps[:1])
+    n = len(timesteps)
     # frozen networks: gradients are wanted for the latent only
     for p in [*autoencoder.parameters(), *diffusion.parameters()]:
         p.requires_grad_(False)
@@ -193,7 +212,7 @@ def posterior_sample(
     def misfit(x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(observed - operator(x))
 
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="posterior sampling", disable=not progress)):
+    for i, t in enumerate(tqdm(timesteps, desc="posterior sampling", disable=not progress)):
         ab = scheduler.alphas_cumprod[int(t)].to(device)
         zeta = step_size * ((i + 1) / n if schedule == "linear" else 1.0)
         ts = t.reshape(1).to(device)
@@ -271,6 +290,7 @@ def restore(
     schedule: str = "linear",
     refine_iters: int = 0,
     consistency_iters: int = 20,
+    strength: float = 1.0,
     sliding_window: dict | None = None,
     device: str | torch.device = "cpu",
     record: str = "",
@@ -279,7 +299,8 @@ def restore(
     """The posterior-sampling main job: ``input_image`` (degraded by the known operator) -> ``output_image``
     (NIfTI, atomic, the input's units and world position). ``noise_sigma`` is in the input's units; without it
     the noise is estimated from the input. ``consistency_iters`` > 0 ends with that many CGLS iterations toward
-    the input in image space (``least_squares_consistency``), which the decoder alone cannot reach."""
+    the input in image space (``least_squares_consistency``), which the decoder alone cannot reach.
+    ``strength < 1`` starts from the input interpolated onto the output grid (see ``posterior_sample``)."""
     if not str(output_image).endswith((".nii", ".nii.gz")):
         raise ValueError(f"{output_image}: the output must be a NIfTI file (.nii.gz or .nii)")
     t0 = time.perf_counter()
@@ -287,8 +308,8 @@ def restore(
     image = load_volume(input_image, series_uid=series_uid)
     modality = resolve_modality(image, modality)
     in_affine = np.asarray(image.affine)
-    out_shape, out_affine, _ = fov_grid(image.shape[1:], in_affine,
-                                        output_spacing(image, operator, factor, target_spacing))
+    spacing = output_spacing(image, operator, factor, target_spacing)
+    out_shape, out_affine, _ = fov_grid(image.shape[1:], in_affine, spacing)
     A = forward_operator(operator, image.shape[1:], in_affine, out_shape, out_affine, profile, kernel, sigma_mm,
                          factor)
     params = intensity_params(image.as_tensor(), modality)
@@ -298,11 +319,16 @@ def restore(
     sw = {"roi_size": [256, 256, 32], "sampling_overlap": 0.5, **(sliding_window or {})}
     f = downsample_factor(networks["autoencoder"])
     recorder = Recorder(record) if record else None
+    start = None
+    if strength < 1:  # the input interpolated onto the output grid, as the main job's condition
+        start = (observed if tuple(image.shape[1:]) == tuple(out_shape) else
+                 normalize(resample(image.as_tensor().float(), in_affine, spacing, "trilinear")[0], params)[None])
     x = posterior_sample(
         networks["autoencoder"].eval(), networks["diffusion"].eval(), networks["scheduler"],
         float(networks["scale_factor"]), observed, A, out_shape, sigma, num_inference_steps,
         torch.Generator().manual_seed(int(seed)), method, step_size, schedule, refine_iters,
-        roi_size=[max(1, r // f) for r in sw["roi_size"]], overlap=sw["sampling_overlap"], record=recorder)
+        roi_size=[max(1, r // f) for r in sw["roi_size"]], overlap=sw["sampling_overlap"], record=recorder,
+        start=start, strength=float(strength))
     if int(consistency_iters) > 0:
         x = least_squares_consistency(x, observed, A, sigma, int(consistency_iters))
     out = physical_range(denormalize(x[0].float().cpu(), params), image, modality)

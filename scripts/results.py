@@ -59,7 +59,7 @@ TASKS: dict[str, dict] = {
     "mr_rician5": {"modality": "mr", "operator": {"operator": "identity"}, "in_training_range": True},
 }
 METHODS = ("classical", "autoencoder ceiling", "regression", "ours", "ours + data consistency", "ours from the input",
-           "ours mean", "posterior")
+           "ours mean", "posterior", "posterior from the input")
 LATENT_METHODS = {"autoencoder ceiling", "ours", "ours + data consistency", "ours from the input", "ours mean"}
 
 
@@ -143,12 +143,15 @@ def run(
     crop: Sequence[int] | None = None,
     strength: float = 0.5,
     consistency_iters: int = 20,
+    posterior_step_size: float = 0.5,
 ) -> dict:
     """Run, score and time every method on every validation volume; write ``results.md``/``results.json``.
 
     ``crop`` (voxels per axis, -1 for all) keeps the centre of each validation volume, to shorten CPU runs; the
     low-dose CT task needs whole axial slices (its noise is made in the projection domain) and refuses a crop.
-    "ours from the input" starts sampling from the noised encoded input at ``strength`` (``--strength``).
+    "ours from the input" and "posterior from the input" start sampling from the noised encoded input at
+    ``strength`` (``--strength``). Posterior sampling takes ``posterior_step_size`` (``--step_size`` of
+    ``configs/inference_posterior.json`` unless given).
     ``consistency_iters`` is posterior sampling's image-space finish (``configs/inference_posterior.json``),
     reported as its own row and applied to the classical start and the autoencoder ceiling as well.
     """
@@ -159,7 +162,7 @@ def run(
     ours = posterior_nets = regression = None
     if LATENT_METHODS & set(methods):
         ours = load_networks(["configs/inference.json", *net_cfgs], ckpt_dir, device)
-    if "posterior" in methods:  # the prior and autoencoder of ``ours`` when loaded; without a ControlNet on their own
+    if {"posterior", "posterior from the input"} & set(methods):  # the prior and autoencoder of ``ours`` when loaded; without a ControlNet on their own
         posterior_nets = ({k: ours[k] for k in ("autoencoder", "diffusion", "scheduler", "scale_factor")} if ours
                           else load_networks(["configs/inference.json", "configs/inference_posterior.json", *net_cfgs],
                                              ckpt_dir, device))
@@ -232,15 +235,20 @@ def run(
                     restored[f"ours mean of {num_samples}"] = _timed(
                         lambda: enhance_volume(image, ours, num_samples=num_samples, **common)[0], device)
             if posterior_nets is not None:
-                path = task_dir / "posterior.nii.gz"
-                res = restore(str(task_dir / "degraded.nii.gz"), str(path), posterior_nets, **TASKS[task]["operator"],
-                              target_spacing=spacing_of(affine).tolist(), modality=modality,
-                              num_inference_steps=posterior_steps, seed=seed, sliding_window=sliding_window,
-                              device=device, consistency_iters=0)
-                restored["posterior (dps)"] = (load_volume(path).as_tensor()[0], res["seconds"])
-                if consistent is not None:  # what restore's default consistency_iters adds
-                    dc, dc_sec = _timed(lambda: consistent(restored["posterior (dps)"][0]), "cpu")
-                    restored["posterior (dps) + data consistency"] = (dc, res["seconds"] + dc_sec)
+                runs = [(name, st) for name, st, m in (("posterior (dps)", 1.0, "posterior"),
+                                                       (f"posterior (dps), strength {strength:g}", strength,
+                                                        "posterior from the input")) if m in methods]
+                for label, st in runs:
+                    path = task_dir / "posterior.nii.gz"
+                    res = restore(str(task_dir / "degraded.nii.gz"), str(path), posterior_nets,
+                                  **TASKS[task]["operator"], target_spacing=spacing_of(affine).tolist(),
+                                  modality=modality, num_inference_steps=posterior_steps, seed=seed,
+                                  step_size=posterior_step_size, strength=st, sliding_window=sliding_window,
+                                  device=device, consistency_iters=0)
+                    restored[label] = (load_volume(path).as_tensor()[0], res["seconds"])
+                    if consistent is not None:  # what restore's default consistency_iters adds
+                        dc, dc_sec = _timed(lambda: consistent(restored[label][0]), "cpu")
+                        restored[f"{label} + data consistency"] = (dc, res["seconds"] + dc_sec)
             cases, seconds = [], {}
             for method, (vol, sec) in restored.items():
                 path = task_dir / f"{re.sub(r'[^A-Za-z0-9]+', '_', method.replace('+', 'plus')).strip('_')}.nii.gz"

@@ -163,3 +163,43 @@ def test_posterior_contract_with_record(crops, models, tmp_path):
 def test_unknown_operator_is_refused():
     with pytest.raises(ValueError, match="operator must be one of"):
         forward_operator("motion", (4, 4, 4), np.eye(4), (4, 4, 4), np.eye(4))
+
+
+class _OraclePrior(torch.nn.Module):
+    """Predicts the exact noise toward a known clean latent (one window covers it), and counts its calls."""
+
+    def __init__(self, clean: torch.Tensor, scheduler) -> None:
+        super().__init__()
+        self.clean, self.scheduler, self.calls = clean, scheduler, 0
+        self.in_channels, self.block_out_channels = clean.shape[1], (8, 8)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        ab = self.scheduler.alphas_cumprod[int(timesteps[0])]
+        return (x - ab.sqrt() * self.clean) / (1 - ab).sqrt()
+
+
+def test_posterior_sampling_from_a_start_runs_the_last_steps_from_its_latent(crops, models):
+    """``strength < 1``: the start is encoded, noised to the first of the last steps, and only those run; with an
+    oracle prior toward the start's own latent and no guidance it ends on the start's reconstruction."""
+    from scripts.autoencoder import decode_volume, encode_volume
+
+    img = nib.load(crops / "c.nii.gz")
+    ref = torch.as_tensor(np.asarray(img.dataobj), dtype=torch.float32)
+    start = ((ref + 1000) / 2000)[None, None]
+    ae = ConfigParser(TINY).get_parsed_content("autoencoder_def")
+    ae.load_state_dict(torch.load(models / "autoencoder.pt", weights_only=True))
+    ae.eval()
+    scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
+        "inference_scheduler_def")
+    with torch.no_grad():
+        latent = encode_volume(ae, start, [64, 64, 32])
+    prior = _OraclePrior(2.0 * latent, scheduler)
+    A = forward_operator("identity", ref.shape, img.affine, ref.shape, img.affine)
+    x = posterior_sample(ae, prior, scheduler, 2.0, start, A, ref.shape, 0.0, 10, torch.Generator().manual_seed(0),
+                         "dmps", 0.0, roi_size=(64, 64, 32), progress=False, start=start, strength=0.3)
+    assert prior.calls == 3
+    with torch.no_grad():
+        torch.testing.assert_close(x, decode_volume(ae, latent, (64, 64, 32)), atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="needs a start"):
+        posterior_sample(ae, prior, scheduler, 2.0, start, A, ref.shape, 0.0, 10, strength=0.3)

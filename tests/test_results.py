@@ -19,7 +19,8 @@ def test_results_table_runs_every_method_and_data_consistency_never_hurts(crops,
                   ["ct_sr_5to10mm", "ct_blur_gaussian_3mm"], num_inference_steps=2, num_samples=2, posterior_steps=2)
     latent = {"autoencoder ceiling (oracle)", "autoencoder ceiling + data consistency (oracle)",
               "residual decoding ceiling (oracle)", "ours",
-              "ours, strength 0.5", "ours mean of 2", "posterior (dps)", "posterior (dps) + data consistency"}
+              "ours, strength 0.5", "ours mean of 2", "posterior (dps)", "posterior (dps) + data consistency",
+              "posterior (dps), strength 0.5", "posterior (dps), strength 0.5 + data consistency"}
     expected = {"ct_sr_5to10mm": {"trilinear", "bspline", "trilinear + data consistency",
                                   "ours + data consistency", *latent},
                 "ct_blur_gaussian_3mm": {"degraded input", "degraded input + data consistency", *latent}}
