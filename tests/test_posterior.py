@@ -148,7 +148,7 @@ def test_posterior_contract_with_record(crops, models, tmp_path):
             [sys.executable, "-m", "monai.bundle", "run", "--config_file",
              "['configs/inference.json','configs/inference_posterior.json','configs/tiny.json']",
              "--input_image", str(src), "--output_image", str(outs[-1]), "--ckpt_dir", str(models),
-             "--operator", "thick_slice", "--factor", "2", "--num_inference_steps", "2", "--posterior_method", "dmps",
+             "--operator", "thick_slice", "--factor", "2", "--num_inference_steps", "4", "--posterior_method", "dmps",
              "--seed", "1", "--device", "cpu", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
     img, ref = nib.load(outs[0]), nib.load(src)
@@ -156,7 +156,7 @@ def test_posterior_contract_with_record(crops, models, tmp_path):
     assert img.shape == shape == (64, 64, 32) and img.get_data_dtype() == np.int16
     np.testing.assert_allclose(img.affine, affine, atol=1e-3)
     np.testing.assert_array_equal(np.asarray(img.dataobj), np.asarray(nib.load(outs[1]).dataobj))
-    assert len(list((tmp_path / "record").glob("step_*.png"))) == 2
+    assert len(list((tmp_path / "record").glob("step_*.png"))) == 2  # the default strength 0.5 runs 2 of the 4 steps
     assert (tmp_path / "record" / "reverse_steps.gif").stat().st_size > 0
 
 
