@@ -127,14 +127,9 @@ def sample_latent(
     cond = space_to_depth(condition, fold)
     z = torch.randn((1, latent_channels, *cond.shape[2:]), generator=generator).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    timesteps = scheduler.timesteps
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    if strength < 1:
-        if fold != 1 or cond.shape[1] != latent_channels:
-            raise ValueError("strength < 1 starts from the encoded condition: it needs encode_condition")
-        timesteps = timesteps[len(timesteps) - max(1, round(len(timesteps) * strength)):]
-        z = scheduler.add_noise(original_samples=cond, noise=z, timesteps=timesteps[:1])
+    if 0 < strength < 1 and (fold != 1 or cond.shape[1] != latent_channels):
+        raise ValueError("strength < 1 starts from the encoded condition: it needs encode_condition")
+    timesteps, z = start_steps(scheduler, z, cond, strength)
     amp = device.type == "cuda"
 
     def predict(window: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -149,6 +144,20 @@ def sample_latent(
                                  unit)
         z, _ = scheduler.step(noise_pred, int(t), z)
     return z
+
+
+def start_steps(scheduler, noise: torch.Tensor, latent: torch.Tensor | None, strength: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The timesteps to run (the scheduler's, set beforehand) and the latent to start from: all of them from
+    ``noise`` for ``strength`` 1, else the last ``strength`` fraction from ``latent`` noised to the first of them
+    (SDEdit). ``latent`` is only read when ``strength < 1``."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    timesteps = scheduler.timesteps
+    if strength == 1:
+        return timesteps, noise
+    timesteps = timesteps[len(timesteps) - max(1, round(len(timesteps) * strength)):]
+    return timesteps, scheduler.add_noise(original_samples=latent, noise=noise, timesteps=timesteps[:1])
 
 
 def enhance_volume(

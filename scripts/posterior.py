@@ -37,7 +37,7 @@ from scripts.autoencoder import downsample_factor, encode_volume, pad_for, tiled
 from scripts.baselines import resample
 from scripts.degradations import blur, kspace_truncate
 from scripts.diffusion import unet_divisor
-from scripts.enhance import physical_range, resolve_modality, target_spacing_of
+from scripts.enhance import physical_range, resolve_modality, start_steps, target_spacing_of
 from scripts.grid import apply_along_axis, fov_grid, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
 from scripts.volumes import load_volume, save_volume, spacing_of
@@ -189,17 +189,14 @@ def posterior_sample(
     latent_shape = [s // f for s in padded.shape[2:]]
     z = torch.randn((1, diffusion.in_channels, *latent_shape), generator=generator).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    timesteps = scheduler.timesteps
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    if strength < 1:
+    z_start = None
+    if 0 < strength < 1:  # start_steps refuses any other strength
         if start is None:
             raise ValueError("strength < 1 needs a start estimate")
-        timesteps = timesteps[len(timesteps) - max(1, round(len(timesteps) * strength)):]
         with torch.no_grad():
             z_start = encode_volume(autoencoder, pad_for(autoencoder, start.to(device), unit)[0],
                                     [r * f for r in roi_size], overlap) * scale_factor
-        z = scheduler.add_noise(original_samples=z_start, noise=z, timesteps=timesteps[:1])
+    timesteps, z = start_steps(scheduler, z, z_start, strength)
     n = len(timesteps)
     # frozen networks: gradients are wanted for the latent only
     for p in [*autoencoder.parameters(), *diffusion.parameters()]:

@@ -162,7 +162,8 @@ def run(
     ours = posterior_nets = regression = None
     if LATENT_METHODS & set(methods):
         ours = load_networks(["configs/inference.json", *net_cfgs], ckpt_dir, device)
-    if {"posterior", "posterior from the input"} & set(methods):  # the prior and autoencoder of ``ours`` when loaded; without a ControlNet on their own
+    # posterior sampling: the prior and autoencoder of ``ours`` when loaded; without a ControlNet on their own
+    if {"posterior", "posterior from the input"} & set(methods):
         posterior_nets = ({k: ours[k] for k in ("autoencoder", "diffusion", "scheduler", "scale_factor")} if ours
                           else load_networks(["configs/inference.json", "configs/inference_posterior.json", *net_cfgs],
                                              ckpt_dir, device))
