@@ -3,7 +3,7 @@ latest of them with the best validation score so far, early stopping, a time bud
 from an earlier run's weights alone.
 
 A bundle config cannot put the trainer into the ``save_dict`` of one of the trainer's own handlers (a circular
-reference), so these handlers add the engine they are attached to.
+reference), so these handlers add the engine they are attached to, and its AMP gradient scalers.
 """
 
 from __future__ import annotations
@@ -34,6 +34,31 @@ def latest_checkpoint(ckpt_dir: str | Path, prefix: str) -> Path | None:
     return max(found)[1] if found else None
 
 
+class AmpScalers:
+    """The AMP gradient scalers of a trainer (``scaler``, and ``d_scaler`` for the autoencoder's discriminator) as
+    one checkpoint entry. Without them a resumed AMP run starts again from the initial loss scale (65536) and
+    skips its first steps on overflow until the scale has come back down. A scaler that is off (no AMP, or a CPU
+    run) saves nothing and loads nothing, so checkpoints move between AMP and full-precision runs.
+    """
+
+    names = ("scaler", "d_scaler")
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _scalers(self) -> dict[str, torch.amp.GradScaler]:
+        found = {name: getattr(self.engine, name, None) for name in self.names}
+        return {name: s for name, s in found.items() if isinstance(s, torch.amp.GradScaler)}
+
+    def state_dict(self) -> dict:
+        return {name: s.state_dict() for name, s in self._scalers().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, scaler in self._scalers().items():
+            if state.get(name):  # an empty state comes from a scaler that was off
+                scaler.load_state_dict(state[name])
+
+
 class ResumeHandler:
     """When ``enabled``, restore ``load_dict`` (networks, optimizers, schedulers, engine state) from the latest
     checkpoint before the run starts, so the iteration count and learning rate continue where they stopped.
@@ -60,7 +85,8 @@ class ResumeHandler:
             raise FileNotFoundError(
                 f"{self.ckpt_dir}: resume requested but no {self.prefix}_checkpoint_epoch=*.pt found")
         logger.info("resuming from %s", path)
-        CheckpointLoader(load_path=str(path), load_dict={**self.load_dict, "trainer": engine},
+        CheckpointLoader(load_path=str(path),
+                         load_dict={**self.load_dict, "trainer": engine, "amp_scalers": AmpScalers(engine)},
                          map_location=self.map_location, name="resume").attach(engine)
 
 
@@ -105,7 +131,8 @@ class TrainingCheckpointSaver:
         self.final = Path(save_dir) / f"{prefix}_checkpoint_final.pt"
 
     def attach(self, engine: Engine) -> None:
-        CheckpointSaver(save_dir=self.save_dir, save_dict={**self.save_dict, "trainer": engine},
+        CheckpointSaver(save_dir=self.save_dir,
+                        save_dict={**self.save_dict, "trainer": engine, "amp_scalers": AmpScalers(engine)},
                         file_prefix=self.prefix, save_interval=self.save_interval, n_saved=self.n_saved,
                         epoch_level=True, save_final=True, final_filename=self.final.name).attach(engine)
         engine.add_event_handler(Events.COMPLETED, self.track_artifacts)

@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser
 from monai.engines import SupervisedEvaluator
 from monai.handlers import ValidationHandler
 
-from scripts.checkpoints import ResumeHandler, TimeBudget, ValidationRecord, WarmStart
+from scripts.checkpoints import ResumeHandler, TimeBudget, TrainingCheckpointSaver, ValidationRecord, WarmStart
 from scripts.options import flag
 from tests.conftest import ROOT
 
@@ -161,10 +161,41 @@ def test_warm_start_loads_weights_and_a_resumed_checkpoint_wins(tmp_path):
 
     warm = WarmStart(str(tmp_path / "start.pt"), [net, wrapper])
     assert all(torch.equal(w, start.weight) for w in first_weights([warm]))
-    torch.save({"net": resumed.state_dict(), "trainer": {"epoch": 1, "max_epochs": 2, "epoch_length": 1}},
+    torch.save({"net": resumed.state_dict(), "trainer": {"epoch": 1, "max_epochs": 2, "epoch_length": 1},
+                "amp_scalers": {}},
                tmp_path / "x_checkpoint_epoch=1.pt")
     resume = ResumeHandler(True, str(tmp_path), "x", {"net": net})
     assert torch.equal(first_weights([warm, resume])[0], resumed.weight)
     assert torch.equal(first_weights([WarmStart(None, [net])])[0], net.weight)  # off: nothing loaded
     with pytest.raises(FileNotFoundError, match="init_weights"):
         WarmStart(str(tmp_path / "missing.pt"), [net])
+
+
+def test_a_resumed_run_keeps_its_amp_loss_scale(tmp_path):
+    """The trainers' gradient scalers go into the training checkpoint: a resumed AMP run goes on at the loss
+    scale it had reached, instead of restarting at 65536 and skipping steps on overflow. CPU scalers stand in
+    for CUDA ones; a scaler that is off saves nothing."""
+    net = torch.nn.Linear(1, 1)
+
+    def trainer(**scalers) -> Engine:
+        engine = Engine(lambda e, b: None)
+        for name, scaler in scalers.items():
+            setattr(engine, name, scaler)
+        return engine
+
+    first = trainer(scaler=torch.amp.GradScaler("cpu", init_scale=1024.0),
+                    d_scaler=torch.amp.GradScaler("cpu", init_scale=8.0))
+    TrainingCheckpointSaver(str(tmp_path), {"net": net}, "x").attach(first)
+    first.run([0], max_epochs=1)
+    second = trainer(scaler=torch.amp.GradScaler("cpu"), d_scaler=torch.amp.GradScaler("cpu"))
+    ResumeHandler(True, str(tmp_path), "x", {"net": net}).attach(second)
+    second.run([0], max_epochs=2)
+    assert (second.scaler.get_scale(), second.d_scaler.get_scale()) == (1024.0, 8.0)
+
+    off = trainer(scaler=torch.amp.GradScaler("cpu", enabled=False))  # full precision: the scaler saves nothing
+    TrainingCheckpointSaver(str(tmp_path / "off"), {"net": net}, "x").attach(off)
+    off.run([0], max_epochs=1)
+    amp = trainer(scaler=torch.amp.GradScaler("cpu", init_scale=64.0))
+    ResumeHandler(True, str(tmp_path / "off"), "x", {"net": net}).attach(amp)
+    amp.run([0], max_epochs=2)
+    assert amp.scaler.get_scale() == 64.0
