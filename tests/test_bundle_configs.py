@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -72,6 +73,12 @@ def test_metadata_follows_the_bundle_schema():
 
 META = ROOT / "configs" / "metadata.json"
 COMMON = ROOT / "configs" / "common.json"
+
+
+def test_the_model_card_states_the_metadata_version():
+    meta = json.loads(META.read_text())
+    stated = re.search(r"\*\*Version (\S+) ships", (ROOT / "docs" / "README.md").read_text())
+    assert stated and stated.group(1) == meta["version"] and meta["version"] in meta["changelog"]
 
 
 def data_format(name: str) -> dict:
