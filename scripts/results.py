@@ -97,7 +97,7 @@ def autoencoder_ceiling(x: torch.Tensor, autoencoder: torch.nn.Module, modality:
     finds the reference's own latent, i.e. the fidelity the autoencoder allows however good the prior is."""
     params = intensity_params(x, modality)
     image = normalize(x.float(), params)[None, None].to(device)
-    with torch.autocast("cuda", enabled=device == "cuda"):
+    with torch.autocast("cuda", enabled=torch.device(device).type == "cuda"):
         out = reconstruct_volume(autoencoder.eval(), image, sliding_window["roi_size"], sliding_window["overlap"])
     return physical_range(denormalize(out[0, 0].float().cpu(), params), x, modality)
 
@@ -118,11 +118,12 @@ def _data_consistency(task: str, x: torch.Tensor, affine: np.ndarray, y: torch.T
 
 
 def _timed(fn: Callable[[], torch.Tensor], device: str) -> tuple[torch.Tensor, float]:
-    if device == "cuda":
+    cuda = torch.device(device).type == "cuda"  # "cuda" or "cuda:N"
+    if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = fn()
-    if device == "cuda":
+    if cuda:
         torch.cuda.synchronize()
     return out, time.perf_counter() - t0
 
