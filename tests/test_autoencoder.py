@@ -61,7 +61,7 @@ def test_tiny_training_loss_falls_and_writes_checkpoints(trained):
     assert list((ckpt / "tb").glob("events.out.tfevents.*"))
     state = torch.load(ckpt / "autoencoder_checkpoint_epoch=3.pt", weights_only=True)
     assert set(state) == {"autoencoder", "discriminator", "optimizer", "d_optimizer", "lr_scheduler", "validation",
-                          "trainer"}
+                          "trainer", "amp_scalers"}
     assert state["validation"]["best_metric_epoch"] in (1, 2, 3)  # the best-model record travels with a resume
     load_autoencoder_weights(tiny_autoencoder(), ckpt / "autoencoder.pt")
 
