@@ -85,8 +85,9 @@ class ResumeHandler:
             raise FileNotFoundError(
                 f"{self.ckpt_dir}: resume requested but no {self.prefix}_checkpoint_epoch=*.pt found")
         logger.info("resuming from %s", path)
-        CheckpointLoader(load_path=str(path),
-                         load_dict={**self.load_dict, "trainer": engine, "amp_scalers": AmpScalers(engine)},
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # the keys; tensors stay on disk
+        scalers = {"amp_scalers": AmpScalers(engine)} if "amp_scalers" in saved else {}  # absent before 0.11.0
+        CheckpointLoader(load_path=str(path), load_dict={**self.load_dict, "trainer": engine, **scalers},
                          map_location=self.map_location, name="resume").attach(engine)
 
 
