@@ -174,6 +174,7 @@ def enhance_volume(
     method: str = "diffusion",
     consistency: bool = False,
     strength: float = 1.0,
+    residual_decoding: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, str]:
     """Enhance a loaded ``(1, X, Y, Z)`` MetaTensor; return the mean, the std map (``num_samples > 1``), the
     output affine and the modality used. Values are in the input's units.
@@ -183,11 +184,16 @@ def enhance_volume(
     ``data_consistency`` against the input (super-resolution: the input's slices are box-profile slabs of the
     output grid).
     ``strength < 1`` starts sampling from the noised encoded input (see ``sample_latent``).
+    ``residual_decoding=True`` returns ``c + D(z) - D(E(c))`` for the input ``c`` on the output grid instead of
+    ``D(z)``: the sample changes the input by what it changes in the latent, and detail the autoencoder cannot
+    reproduce is taken from the input rather than lost (one more windowed decode per volume).
     """
     device = torch.device(device)
     sw = {"roi_size": [256, 256, 32], "overlap": 0.25, "sampling_overlap": 0.5, **(sliding_window or {})}
     if method not in ("diffusion", "regression"):
         raise ValueError(f"method must be 'diffusion' or 'regression', got {method!r}")
+    if residual_decoding and method == "regression":
+        raise ValueError("residual_decoding applies to the latent method; the regression peer is residual already")
     modality = resolve_modality(image, modality)
     spacing = target_spacing_of(image, target_spacing)
     if np.allclose(spacing, spacing_of(image.affine)):
@@ -211,11 +217,14 @@ def enhance_volume(
     unit = unet_divisor(networks["diffusion"]) if "diffusion" in networks else int(networks["latent_multiple"])
     padded, crop = pad_for(ae, normalize(condition, params)[None].to(device), unit)
     latent_roi = [max(1, r // f) for r in sw["roi_size"]]
-    fold = f
-    if networks.get("encode_condition", False):
+    fold, start, base = f, padded, None
+    if networks.get("encode_condition", False) or residual_decoding:
         with torch.autocast("cuda", enabled=device.type == "cuda"):
-            padded = encode_volume(ae, padded, sw["roi_size"], sw["overlap"], progress=progress).float()
-        padded, fold = padded * networks["scale_factor"], 1
+            latent = encode_volume(ae, padded, sw["roi_size"], sw["overlap"], progress=progress).float()
+        if residual_decoding:  # D(E(c)), decoded as the samples are, so that the decoder's loss cancels
+            base = decode_volume(ae, latent, latent_roi, sw["overlap"], progress=progress).float()
+        if networks.get("encode_condition", False):
+            padded, fold = latent * networks["scale_factor"], 1
     samples = []
     for k in range(max(1, int(num_samples))):
         gen = torch.Generator().manual_seed(int(seed) + k)
@@ -223,6 +232,8 @@ def enhance_volume(
                           ae.latent_channels, fold, num_inference_steps, gen, latent_roi, sw["sampling_overlap"],
                           progress=progress, unit=unit, strength=strength)
         decoded = decode_volume(ae, z / networks["scale_factor"], latent_roi, sw["overlap"], progress=progress)
+        if base is not None:
+            decoded = start + decoded.float() - base
         out = denormalize(decoded[crop][0].float().cpu(), params)
         if consistency:
             out = data_consistency(out, image.as_tensor()[0].float())
@@ -284,6 +295,7 @@ def enhance(
     consistency: bool = False,
     output_dicom: str = "",
     strength: float = 1.0,
+    residual_decoding: bool = False,
 ) -> dict:
     """Enhance one file or DICOM series into ``output_image`` (NIfTI, atomic), plus ``*_std.nii.gz`` when
     ``num_samples > 1`` and a derived DICOM series in the folder ``output_dicom`` when given (patient and study
@@ -299,7 +311,8 @@ def enhance(
     image = load_volume(input_image, series_uid=series_uid)
     mean, std, affine, modality = enhance_volume(image, networks, target_spacing, modality, num_inference_steps,
                                                  seed, num_samples, sliding_window, device, method=method,
-                                                 consistency=consistency, strength=strength)
+                                                 consistency=consistency, strength=strength,
+                                                 residual_decoding=residual_decoding)
     outputs = {}
     try:
         if output_dicom:
@@ -372,8 +385,9 @@ def enhance_datalist(
 
 def run(input_image: str = "", output_image: str = "", datalist: str = "", output_dir: str = "", **kwargs):
     """The bundle's entry point: one volume (``input_image`` -> ``output_image``) or batch mode (``datalist``)."""
-    if "consistency" in kwargs:
-        kwargs["consistency"] = flag(kwargs["consistency"], "data_consistency")
+    for key, option in (("consistency", "data_consistency"), ("residual_decoding", "residual_decoding")):
+        if key in kwargs:
+            kwargs[key] = flag(kwargs[key], option)
     if datalist:
         if not output_dir:
             raise ValueError("batch mode needs --output_dir")

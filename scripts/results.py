@@ -12,7 +12,9 @@ default finish). Oracle rows show the autoencoder's ceiling: the reference itsel
 latent method returns when its prior and ControlNet find the reference's own latent), that reconstruction after
 the data-consistency step (what the step adds beyond the ceiling), and the residual-decoding design at the same
 oracle latent: the input on the target grid plus the decoded change from its own latent to the reference's,
-``c + D(E(x)) - D(E(c))``, in which what the autoencoder loses on both sides cancels. Networks come from the
+``c + D(E(x)) - D(E(c))``, in which what the autoencoder loses on both sides cancels; "ours + residual
+decoding" is that design with the ControlNet's sample in place of the oracle latent (``--residual_decoding``
+of the main job), from noise and from the input. Networks come from the
 main job's configs (``configs/inference.json`` plus ``network_configs``) and ``ckpt_dir``, exactly as
 ``monai.bundle run`` builds them; methods whose weights are missing are skipped and say so. Outputs, per-case
 montages (``scripts.evaluate``), one montage per task (input, best classical, regression, ours, reference),
@@ -59,8 +61,9 @@ TASKS: dict[str, dict] = {
     "mr_rician5": {"modality": "mr", "operator": {"operator": "identity"}, "in_training_range": True},
 }
 METHODS = ("classical", "autoencoder ceiling", "regression", "ours", "ours + data consistency", "ours from the input",
-           "ours mean", "posterior", "posterior from the input")
-LATENT_METHODS = {"autoencoder ceiling", "ours", "ours + data consistency", "ours from the input", "ours mean"}
+           "ours + residual decoding", "ours mean", "posterior", "posterior from the input")
+LATENT_METHODS = {"autoencoder ceiling", "ours", "ours + data consistency", "ours from the input",
+                  "ours + residual decoding", "ours mean"}
 
 
 def _is_sr(task: str) -> bool:
@@ -233,6 +236,12 @@ def run(
                 if "ours from the input" in methods and ours.get("encode_condition"):
                     restored[f"ours, strength {strength:g}"] = _timed(
                         lambda: enhance_volume(image, ours, strength=strength, **common)[0], device)
+                if "ours + residual decoding" in methods:  # from noise, and from the input
+                    restored["ours + residual decoding"] = _timed(
+                        lambda: enhance_volume(image, ours, residual_decoding=True, **common)[0], device)
+                    if ours.get("encode_condition"):
+                        restored[f"ours, strength {strength:g} + residual decoding"] = _timed(lambda: enhance_volume(
+                            image, ours, strength=strength, residual_decoding=True, **common)[0], device)
                 if "ours mean" in methods and num_samples > 1:
                     restored[f"ours mean of {num_samples}"] = _timed(
                         lambda: enhance_volume(image, ours, num_samples=num_samples, **common)[0], device)

@@ -287,3 +287,42 @@ def test_sampling_with_an_oracle_denoiser_returns_the_clean_latent(roi, strength
     z = sample_latent(oracle, scheduler, clean, 4, 1, 10, torch.Generator().manual_seed(1), roi, overlap=0.5,
                       halo=2, progress=False, unit=2, strength=strength)
     torch.testing.assert_close(z, clean, atol=1e-4, rtol=1e-4)
+
+
+class _OracleDenoiser(torch.nn.Module):
+    """Predicts the exact noise toward the encoded condition it is given, so DDIM ends on the input's latent."""
+
+    def __init__(self, scheduler) -> None:
+        super().__init__()
+        self.scheduler = scheduler
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        ab = self.scheduler.alphas_cumprod[int(t)]
+        return (z - ab.sqrt() * condition) / (1 - ab).sqrt()
+
+
+def test_residual_decoding_keeps_what_the_autoencoder_loses():
+    """When the sample is the input's own latent, plain decoding returns the autoencoder's reconstruction (here
+    an untrained one: far from the input), and residual decoding ``c + D(z) - D(E(c))`` returns the input."""
+    from monai.bundle import ConfigParser
+    from monai.data import MetaTensor
+
+    from scripts.enhance import enhance_volume
+    from tests.conftest import ct_phantom
+
+    common = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text()))
+    tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
+    torch.manual_seed(0)
+    scheduler = common.get_parsed_content("inference_scheduler_def")
+    nets = {"autoencoder": tiny.get_parsed_content("autoencoder_def"), "denoiser": _OracleDenoiser(scheduler),
+            "scheduler": scheduler, "scale_factor": 0.7, "encode_condition": True, "latent_multiple": 1}
+    vol, affine = ct_phantom((32, 32, 16))
+    image = MetaTensor(torch.as_tensor(vol, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
+    sw = {"roi_size": [16, 16, 8], "overlap": 0.25, "sampling_overlap": 0.5}
+    out = {r: enhance_volume(image, nets, modality="ct", num_inference_steps=5, sliding_window=sw, progress=False,
+                             residual_decoding=r)[0] for r in (False, True)}
+    x = image.as_tensor()
+    assert (out[False] - x).abs().mean() > 100  # HU: the untrained decoder's reconstruction
+    torch.testing.assert_close(out[True], x, atol=0.5, rtol=0)
+    with pytest.raises(ValueError, match="residual"):
+        enhance_volume(image, {}, method="regression", residual_decoding=True)
