@@ -240,8 +240,13 @@ def run(
                     restored["ours + residual decoding"] = _timed(
                         lambda: enhance_volume(image, ours, residual_decoding=True, **common)[0], device)
                     if ours.get("encode_condition"):
-                        restored[f"ours, strength {strength:g} + residual decoding"] = _timed(lambda: enhance_volume(
+                        label = f"ours, strength {strength:g} + residual decoding"
+                        restored[label] = _timed(lambda: enhance_volume(
                             image, ours, strength=strength, residual_decoding=True, **common)[0], device)
+                        if _is_sr(task):
+                            restored[f"{label} + data consistency"] = _timed(lambda: enhance_volume(
+                                image, ours, strength=strength, residual_decoding=True, consistency=True,
+                                **common)[0], device)
                 if "ours mean" in methods and num_samples > 1:
                     restored[f"ours mean of {num_samples}"] = _timed(
                         lambda: enhance_volume(image, ours, num_samples=num_samples, **common)[0], device)
