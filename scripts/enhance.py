@@ -261,8 +261,14 @@ def slab_matrix(n_in: int, n_out: int) -> np.ndarray:
 def data_consistency(output: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     """Project ``output`` onto the volumes whose box-profile average on the input grid equals ``observed``:
     ``x + A^+ (y - A x)`` with the separable slab operator ``A`` of each resampled axis, so re-degrading the
-    result gives the input back exactly. Axes on the same grid are left alone."""
+    result gives the input back exactly. Axes on the same grid are left alone; with none resampled (denoising,
+    deblurring) there is no slab operator and ``output`` is returned as it is: the projection onto the identity
+    would return the degraded input itself."""
     mats = [None if o == i else slab_matrix(i, o) for i, o in zip(observed.shape[-3:], output.shape[-3:])]
+    if all(m is None for m in mats):
+        logger.warning("data consistency applies to super-resolution (a resampled axis); the output is on the "
+                       "input's grid, so it is skipped")
+        return output
     residual = observed.double()
     projected = output.double()
     for axis, m in enumerate(mats):

@@ -189,7 +189,7 @@ def test_windowed_latent_denoising_step_has_no_seams():
 
 
 def test_data_consistency_makes_the_re_degraded_output_match_the_input(crops, weights, tmp_path):
-    from scripts.enhance import slab_matrix
+    from scripts.enhance import data_consistency, slab_matrix
     from scripts.grid import apply_along_axis
 
     src = crops / "c.nii.gz"
@@ -205,6 +205,9 @@ def test_data_consistency_makes_the_re_degraded_output_match_the_input(crops, we
     assert (redegraded - y)[~clipped].abs().max() <= 0.5 + 1e-6
     # slab_matrix for an integer factor is the mean of the covered slices
     np.testing.assert_allclose(slab_matrix(2, 4), [[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
+    # on the input's grid (denoising) there is no slab to match: the output stays, not the noisy input
+    restored = torch.rand(1, 8, 8, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(data_consistency(restored, torch.zeros(1, 8, 8, 4)), restored)
 
 
 def test_a_deeper_prior_runs_on_a_latent_thinner_than_its_downsampling(weights):
