@@ -24,6 +24,7 @@ from scripts.baselines import resample
 from scripts.enhance import enhance_volume
 from scripts.figures import montage
 from scripts.metrics import score
+from scripts.options import flag
 from scripts.results import load_networks
 from scripts.volumes import load_volume, save_volume, spacing_of
 
@@ -33,9 +34,12 @@ TASKS = {"ct_sr_5to10mm": "SR 10 mm -> 5 mm", "ct_lowdose_quarter": "quarter-dos
 
 def run_demo(sample: str, output_dir: str, seed: int = 0, ckpt_dir: str = "models",
              network_configs: Sequence[str] = ("configs/inference.json",), num_inference_steps: int = 10,
-             sliding_window: dict | None = None) -> dict:
+             sliding_window: dict | None = None, strength: float = 1.0, residual_decoding: bool = False,
+             consistency: bool = False) -> dict:
     """Run both demo tasks on ``sample`` (a CT in HU) and write everything to ``output_dir``; the networks of
-    ``network_configs`` with the weights in ``ckpt_dir`` run too when those weights exist."""
+    ``network_configs`` with the weights in ``ckpt_dir`` run too when those weights exist, with the main job's
+    ``strength``, ``residual_decoding`` and data ``consistency`` (``configs/demo.json`` takes them from
+    ``configs/inference.json``)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ref = load_volume(sample)
@@ -59,7 +63,9 @@ def run_demo(sample: str, output_dir: str, seed: int = 0, ckpt_dir: str = "model
             t0 = time.perf_counter()
             v, _, out_affine, _ = enhance_volume(MetaTensor(y[None], affine=torch.as_tensor(y_aff)), networks,
                                                  spacing_of(affine).tolist(), "ct", num_inference_steps, seed,
-                                                 sliding_window=sliding_window)
+                                                 sliding_window=sliding_window, strength=float(strength),
+                                                 residual_decoding=flag(residual_decoding, "residual_decoding"),
+                                                 consistency=flag(consistency, "data_consistency"))
             if v[0].shape != x.shape or not np.allclose(out_affine, affine, atol=1e-4):
                 raise RuntimeError(f"{task}: the enhanced grid {tuple(v[0].shape)} does not match the reference's")
             restored["ours"] = (v[0], time.perf_counter() - t0)

@@ -108,6 +108,7 @@ def sample_latent(
     progress: bool = True,
     unit: int = 1,
     strength: float = 1.0,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DDIM sampling of a latent for a padded ``condition``: the encoded condition on the latent grid
     (``fold=1``), or the normalised image ``(1, 1, fX, fY, fZ)`` for a ControlNet trained on images (``fold=f``,
@@ -119,17 +120,17 @@ def sample_latent(
     Windows, steps and the halo are multiples of ``unit`` latent voxels (``unet_divisor``; the latent must be one
     too), so that every window, clipped at the volume's edge or not, fits the UNet's downsampling.
 
-    ``strength < 1`` (encoded condition only) starts from the condition's latent noised to the first of the last
-    ``strength`` fraction of the steps, and runs only those (SDEdit): fewer steps, and an output tied closer to
-    the input.
+    ``strength < 1`` starts from the input's scaled latent ``start`` (by default the condition, when it is the
+    encoded input) noised to the first of the last ``strength`` fraction of the steps, and runs only those
+    (SDEdit): fewer steps, and an output tied closer to the input.
     """
     device = condition.device
     cond = space_to_depth(condition, fold)
     z = torch.randn((1, latent_channels, *cond.shape[2:]), generator=generator).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    if 0 < strength < 1 and (fold != 1 or cond.shape[1] != latent_channels):
-        raise ValueError("strength < 1 starts from the encoded condition: it needs encode_condition")
-    timesteps, z = start_steps(scheduler, z, cond, strength)
+    if 0 < strength < 1 and start is None and (fold != 1 or cond.shape[1] != latent_channels):
+        raise ValueError("strength < 1 starts from the encoded input: give it as start, or use encode_condition")
+    timesteps, z = start_steps(scheduler, z, cond if start is None else start.to(device), strength)
     amp = device.type == "cuda"
 
     def predict(window: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -217,23 +218,25 @@ def enhance_volume(
     unit = unet_divisor(networks["diffusion"]) if "diffusion" in networks else int(networks["latent_multiple"])
     padded, crop = pad_for(ae, normalize(condition, params)[None].to(device), unit)
     latent_roi = [max(1, r // f) for r in sw["roi_size"]]
-    fold, start, base = f, padded, None
-    if networks.get("encode_condition", False) or residual_decoding:
+    fold, image_in, base, start = f, padded, None, None
+    encoded = networks.get("encode_condition", False)
+    if encoded or residual_decoding or strength < 1:
         with torch.autocast("cuda", enabled=device.type == "cuda"):
             latent = encode_volume(ae, padded, sw["roi_size"], sw["overlap"], progress=progress).float()
         if residual_decoding:  # D(E(c)), decoded as the samples are, so that the decoder's loss cancels
             base = decode_volume(ae, latent, latent_roi, sw["overlap"], progress=progress).float()
-        if networks.get("encode_condition", False):
-            padded, fold = latent * networks["scale_factor"], 1
+        start = latent * networks["scale_factor"]
+        if encoded:
+            padded, fold = start, 1
     samples = []
     for k in range(max(1, int(num_samples))):
         gen = torch.Generator().manual_seed(int(seed) + k)
         z = sample_latent(denoiser, networks["scheduler"], padded,
                           ae.latent_channels, fold, num_inference_steps, gen, latent_roi, sw["sampling_overlap"],
-                          progress=progress, unit=unit, strength=strength)
+                          progress=progress, unit=unit, strength=strength, start=start)
         decoded = decode_volume(ae, z / networks["scale_factor"], latent_roi, sw["overlap"], progress=progress)
         if base is not None:
-            decoded = start + decoded.float() - base
+            decoded = image_in + decoded.float() - base
         out = denormalize(decoded[crop][0].float().cpu(), params)
         if consistency:
             out = data_consistency(out, image.as_tensor()[0].float())
@@ -266,8 +269,7 @@ def data_consistency(output: torch.Tensor, observed: torch.Tensor) -> torch.Tens
     would return the degraded input itself."""
     mats = [None if o == i else slab_matrix(i, o) for i, o in zip(observed.shape[-3:], output.shape[-3:])]
     if all(m is None for m in mats):
-        logger.warning("data consistency applies to super-resolution (a resampled axis); the output is on the "
-                       "input's grid, so it is skipped")
+        logger.info("data consistency: the output is on the input's grid (no slab to match), skipped")
         return output
     residual = observed.double()
     projected = output.double()

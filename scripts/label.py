@@ -13,6 +13,7 @@ from pathlib import Path
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from scripts.enhance import ROOT, enhance, inference_parser
+from scripts.options import flag
 
 WEIGHTS = ("autoencoder.pt", "diffusion.pt", "controlnet.pt", "autoencoder_scale.json")
 
@@ -36,23 +37,27 @@ class EnhanceTask(InferTask):
     def is_valid(self) -> bool:
         return all((self.ckpt_dir / name).is_file() for name in WEIGHTS)
 
-    def _networks_and_settings(self) -> tuple[dict, dict, str]:
+    def _networks_and_settings(self) -> tuple[dict, dict, str, dict]:
         if self._parser is None:
             overrides = {"ckpt_dir": str(self.ckpt_dir)}
             if self.device:
                 overrides["device"] = self.device
             self._parser = inference_parser(self.config_files, **overrides)
         p = self._parser  # parsed content is cached by the parser: the networks load once
-        return p.get_parsed_content("networks"), p.get_parsed_content("sliding_window"), p.get_parsed_content("device")
+        options = {"strength": float(p["strength"]),  # the main job's defaults
+                   "residual_decoding": flag(p["residual_decoding"], "residual_decoding"),
+                   "consistency": flag(p["data_consistency"], "data_consistency")}
+        return p.get_parsed_content("networks"), p.get_parsed_content("sliding_window"), p.get_parsed_content(
+            "device"), options
 
     def __call__(self, request: dict) -> tuple[str, dict]:
         params = {**self.config(), **request}
         spacing = str(params.get("target_spacing") or "").strip("[] ")
-        networks, sliding_window, device = self._networks_and_settings()
+        networks, sliding_window, device, options = self._networks_and_settings()
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         result = enhance(
             params["image"], out, networks,
             target_spacing=[float(v) for v in spacing.split(",")] if spacing else None,
             modality=params.get("modality") or None, num_inference_steps=int(params["num_inference_steps"]),
-            seed=int(params["seed"]), sliding_window=sliding_window, device=device)
+            seed=int(params["seed"]), sliding_window=sliding_window, device=device, **options)
         return out, {k: result[k] for k in ("seconds", "modality", "shape", "spacing")}

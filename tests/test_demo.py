@@ -14,7 +14,8 @@ WINDOW = {"roi_size": [32, 32, 16], "overlap": 0.25, "sampling_overlap": 0.5}
 def test_demo_runs_ours_on_both_tasks_when_weights_exist(crops, weights, tmp_path, capsys):
     out = tmp_path / "demo"
     report = run_demo(str(crops / "c.nii.gz"), str(out), ckpt_dir=str(weights), network_configs=TINY,
-                      num_inference_steps=2, sliding_window=WINDOW)
+                      num_inference_steps=2, sliding_window=WINDOW, strength=0.5, residual_decoding=True,
+                      consistency=True)  # the main job's defaults
     ref = nib.load(crops / "c.nii.gz")
     for task in TASKS:
         assert set(report[task]["ours"]["metrics"]) >= {"psnr", "ssim", "hu_mae_body"}

@@ -268,6 +268,10 @@ def test_strength_starts_from_the_noised_encoded_input_and_runs_only_the_last_st
     with pytest.raises(ValueError, match="encode_condition"):
         sample_latent(denoiser, scheduler, torch.rand(1, 1, 16, 16, 8), 2, 2, 20, torch.Generator(), [8, 8, 4],
                       progress=False, strength=0.5)
+    seen.clear()  # an image-conditioned ControlNet starts from the encoded input given as ``start``
+    z = sample_latent(denoiser, scheduler, torch.rand(1, 1, 16, 16, 8), 2, 2, 20, torch.Generator().manual_seed(0),
+                      [8, 8, 4], progress=False, strength=0.1, start=cond)
+    assert len(seen) == 2 and float((z - cond).norm() / cond.norm()) == pytest.approx(dist[0.1])
 
 
 @pytest.mark.parametrize("roi,strength", [((16, 16, 8), 1.0), ((6, 10, 4), 1.0), ((6, 10, 4), 0.4)])
