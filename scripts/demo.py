@@ -51,8 +51,9 @@ def run_demo(sample: str, output_dir: str, seed: int = 0, ckpt_dir: str = "model
         lines += [f"CLASSICAL BASELINE ONLY: no trained weights in {ckpt_dir}; these are interpolation and denoising",
                   "filters (Gaussian sigma and NLM h tuned against the reference), the numbers a network must beat."]
     else:
-        lines += [f"ours: latent diffusion + ControlNet, weights from {ckpt_dir}, {num_inference_steps} DDIM steps, "
-                  f"seed {seed}; classical filters tuned against the reference"]
+        lines += [f"ours: latent diffusion + ControlNet, weights from {ckpt_dir}, {num_inference_steps} DDIM steps at "
+                  f"strength {float(strength):g}, residual decoding {flag(residual_decoding)}, data consistency "
+                  f"{flag(consistency)}, seed {seed}; classical filters tuned against the reference"]
     lines += [f"sample: {sample}  grid {tuple(x.shape)}  spacing {spacing_of(affine).round(3).tolist()} mm",
               f"{'task':<20} {'method':<18} {'PSNR dB':>8} {'SSIM':>7} {'HU-MAE body':>12} {'seconds':>8}"]
     for task, title in TASKS.items():
