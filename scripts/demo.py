@@ -73,7 +73,7 @@ def run_demo(sample: str, output_dir: str, seed: int = 0, ckpt_dir: str = "model
         results = {m: {"volume": v, "seconds": sec, "metrics": score(v, x, "ct")} for m, (v, sec) in restored.items()}
         classical = [m for m in results if m not in ("degraded input", "ours")]
         best = max(classical, key=lambda m: results[m]["metrics"]["psnr"])
-        shown = y if y.shape == x.shape else resample(y, y_aff, spacing_of(affine), "trilinear")[0]
+        shown = resample(y, y_aff, spacing_of(affine), "trilinear")[0]  # y itself on the same grid
         methods = [best, "ours"] if networks is not None else [best]
         for m in methods:
             save_volume(results[m]["volume"], affine, out / f"{task}_{m.replace(' ', '_')}.nii.gz", dtype="int16")

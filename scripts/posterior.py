@@ -317,9 +317,8 @@ def restore(
     f = downsample_factor(networks["autoencoder"])
     recorder = Recorder(record) if record else None
     start = None
-    if strength < 1:  # the input interpolated onto the output grid, as the main job's condition
-        start = (observed if tuple(image.shape[1:]) == tuple(out_shape) else
-                 normalize(resample(image.as_tensor().float(), in_affine, spacing, "trilinear")[0], params)[None])
+    if strength < 1:  # the input interpolated onto the output grid (itself on the same grid), as the main job's
+        start = normalize(resample(image.as_tensor().float(), in_affine, spacing, "trilinear")[0], params)[None]
     x = posterior_sample(
         networks["autoencoder"].eval(), networks["diffusion"].eval(), networks["scheduler"],
         float(networks["scale_factor"]), observed, A, out_shape, sigma, num_inference_steps,

@@ -198,7 +198,7 @@ def run(
             save_volume(y, y_aff, task_dir / "degraded.nii.gz")
             restored: dict[str, tuple[torch.Tensor, float]] = {}
             consistent = _data_consistency(task, x, affine, y, y_aff, modality, consistency_iters)
-            on_grid = y if y.shape == x.shape else resample(y, y_aff, spacing_of(affine), "trilinear")[0]
+            on_grid = resample(y, y_aff, spacing_of(affine), "trilinear")[0]  # y itself on the same grid
             if "classical" in methods:
                 restored.update(restore_all(task, y, y_aff, spacing_of(affine)))
                 start = "trilinear" if _is_sr(task) else "degraded input"
@@ -233,20 +233,19 @@ def run(
                 if "ours + data consistency" in methods and _is_sr(task):
                     restored["ours + data consistency"] = _timed(
                         lambda: enhance_volume(image, ours, consistency=True, **common)[0], device)
-                if "ours from the input" in methods and ours.get("encode_condition"):
+                if "ours from the input" in methods:
                     restored[f"ours, strength {strength:g}"] = _timed(
                         lambda: enhance_volume(image, ours, strength=strength, **common)[0], device)
                 if "ours + residual decoding" in methods:  # from noise, and from the input
                     restored["ours + residual decoding"] = _timed(
                         lambda: enhance_volume(image, ours, residual_decoding=True, **common)[0], device)
-                    if ours.get("encode_condition"):
-                        label = f"ours, strength {strength:g} + residual decoding"
-                        restored[label] = _timed(lambda: enhance_volume(
-                            image, ours, strength=strength, residual_decoding=True, **common)[0], device)
-                        if _is_sr(task):
-                            restored[f"{label} + data consistency"] = _timed(lambda: enhance_volume(
-                                image, ours, strength=strength, residual_decoding=True, consistency=True,
-                                **common)[0], device)
+                    label = f"ours, strength {strength:g} + residual decoding"
+                    restored[label] = _timed(lambda: enhance_volume(
+                        image, ours, strength=strength, residual_decoding=True, **common)[0], device)
+                    if _is_sr(task):
+                        restored[f"{label} + data consistency"] = _timed(lambda: enhance_volume(
+                            image, ours, strength=strength, residual_decoding=True, consistency=True,
+                            **common)[0], device)
                 if "ours mean" in methods and num_samples > 1:
                     restored[f"ours mean of {num_samples}"] = _timed(
                         lambda: enhance_volume(image, ours, num_samples=num_samples, **common)[0], device)
