@@ -6,6 +6,9 @@ writes ``training`` (with ``fold``), ``validation`` and ``testing`` lists in whi
 ``python -m scripts.datalist regions DATA_DIR OUTPUT_DIR`` holds out a slab of every volume instead, for data
 with too few patients to split (the development volumes in ``../shared/data``).
 
+``python -m scripts.datalist release DATA_DIR datalist.json`` writes the release split of ``../shared/data`` by
+volume (``RELEASE_VALIDATION``).
+
 ``python -m scripts.datalist fill datalist.json --patch_size "[128,128,32]"`` says how much of a training patch
 each volume fills, the rest being padding.
 """
@@ -28,6 +31,10 @@ from scripts.volumes import load_volume, save_volume, spacing_of
 logger = logging.getLogger(__name__)
 
 DEVELOPMENT_VOLUMES = {"lung1_image.nrrd": "ct", "brain1_image.nrrd": "mr", "mni152_t1_1mm.nii.gz": "mr"}
+# The release split of ../shared/data, by volume: two IBSI patients (CT and MR), the 5 mm chest CT (the demo
+# sample's source, so the demo runs on held-out anatomy) and the child-brain MPRAGE (near-1 mm MR) are validation.
+RELEASE_VALIDATION = ("lung1_image.nrrd", "ibsi_sts011_ct.nii.gz", "ibsi_sts011_mr_t1.nii.gz",
+                      "ibsi_sts012_ct.nii.gz", "ibsi_sts012_mr_t1.nii.gz", "mr_t1_brain_child3y_saganon.nii.gz")
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -152,6 +159,28 @@ def split_regions(
     return datalist
 
 
+def modality_of(name: str) -> str:
+    """CT or MR from a file name of ``../shared/data`` (``*_ct.*``, ``lung1``; everything else is MR)."""
+    return "ct" if re.search(r"(_ct\.|^lung)", name) else "mr"
+
+
+def split_release(data_dir: str, output: str, validation: Sequence[str] = RELEASE_VALIDATION) -> dict:
+    """The release split of ``data_dir`` by volume (``validation`` by file name, every other image training),
+    each entry with its ``modality``, written to ``output`` with an absolute ``dataroot``."""
+    root = Path(data_dir).resolve()
+    names = [p.name for p in find_images(root)]
+    missing = sorted(set(validation) - set(names))
+    if missing:
+        raise FileNotFoundError(f"{root}: validation volumes not found: {missing}")
+    datalist: dict = {"name": "release", "dataroot": str(root), "training": [], "validation": []}
+    for name in names:
+        key = "validation" if name in validation else "training"
+        datalist[key].append({"image": name, "modality": modality_of(name)})
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(datalist, indent=2))
+    return datalist
+
+
 def read_datalist(
     path: str, key: str = "training", base_dir: str | None = None, path_keys: Sequence[str] = ("image",)
 ) -> list[dict]:
@@ -198,7 +227,10 @@ def patch_fill(datalist: str, patch_size: Sequence[int], key: str = "training") 
 
 
 def print_patch_fill(datalist: str, patch_size: Sequence[int], key: str = "training") -> None:
-    """``python -m scripts.datalist fill``: ``patch_fill`` as a table."""
+    """``python -m scripts.datalist release DATA_DIR datalist.json`` writes the release split of ``../shared/data`` by
+volume (``RELEASE_VALIDATION``).
+
+``python -m scripts.datalist fill``: ``patch_fill`` as a table."""
     fills = patch_fill(datalist, patch_size, key)
     for name, (shape, fill) in fills.items():
         print(f"{name:<36} {str(shape):<18} fill {fill:.2f}")
@@ -208,7 +240,7 @@ def print_patch_fill(datalist: str, patch_size: Sequence[int], key: str = "train
 def main() -> None:
     import fire
 
-    fire.Fire({"make": make_datalist, "regions": split_regions, "fill": print_patch_fill})
+    fire.Fire({"make": make_datalist, "regions": split_regions, "release": split_release, "fill": print_patch_fill})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 Scoring conventions (documented in docs/README.md):
 - CT: PSNR and SSIM on HU clipped to ``CT_WINDOW`` (-1000..1000 HU, data range 2000); MAE on raw HU over the
   whole volume; HU-MAE on raw HU inside the body mask of the reference.
+- Sharpness: the ratio of the output's 3D-Laplacian energy to the reference's inside the same mask (voxel
+  units, CT on the clipped window); 1.0 is as sharp as the truth.
 - MR: both volumes divided by the reference's 99.5th percentile (``mr_scale``); PSNR, SSIM (data range 1) and MAE
   in those units, inside the head mask (reference above ``MR_MASK_FRACTION`` of that percentile, holes filled,
   largest component), so that the empty background does not dominate.
@@ -102,6 +104,31 @@ def mr_scale(ref: np.ndarray | torch.Tensor) -> float:
     return s
 
 
+def laplacian_energy(x: torch.Tensor, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Squared 3D Laplacian (second differences along each axis divided by the spacing squared), on the interior
+    voxels of a volume ``(..., X, Y, Z)``: its high-frequency energy per voxel."""
+    v = _t(x).reshape(_t(x).shape[-3:])
+    lap = torch.zeros_like(v[1:-1, 1:-1, 1:-1])
+    for axis, h in enumerate(spacing):
+        lo, mid, hi = [v.narrow(axis, s, v.shape[axis] - 2) for s in (0, 1, 2)]
+        d2 = (lo - 2 * mid + hi) / float(h) ** 2
+        idx = [slice(1, -1)] * 3
+        idx[axis] = slice(None)
+        lap = lap + d2[tuple(idx)]
+    return lap**2
+
+
+def sharpness_ratio(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, mask: np.ndarray | None = None,
+                    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> float:
+    """Root of the mean 3D-Laplacian energy of ``pred`` over that of ``ref``, over ``mask`` (interior voxels):
+    1.0 is as sharp as the reference, below 1 smoother (regression's averaging), above 1 noisier or ringing."""
+    m = None if mask is None else np.asarray(mask, dtype=bool).reshape(_t(ref).shape[-3:])[1:-1, 1:-1, 1:-1]
+    energy_ref = float(_masked(laplacian_energy(ref, spacing), m).mean())
+    if energy_ref == 0:
+        return float("nan")
+    return float(np.sqrt(float(_masked(laplacian_energy(pred, spacing), m).mean()) / energy_ref))
+
+
 def score(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, modality: str = "ct") -> dict[str, float]:
     """All metrics for one volume pair, following the conventions in this module's docstring."""
     p, r = _t(pred), _t(ref)
@@ -115,11 +142,13 @@ def score(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, modal
             "ssim": ssim(pc, rc, hi - lo),
             "mae": mae(p, r),
             "hu_mae_body": mae(p, r, body_mask(r)),
+            "sharpness": sharpness_ratio(pc, rc, body_mask(r)),
         }
     if modality == "mr":
         s = mr_scale(r)
         m = body_mask(r, MR_MASK_FRACTION * s)
-        return {"psnr": psnr(p / s, r / s, 1.0, m), "ssim": ssim(p / s, r / s, 1.0, m), "mae": mae(p / s, r / s, m)}
+        return {"psnr": psnr(p / s, r / s, 1.0, m), "ssim": ssim(p / s, r / s, 1.0, m), "mae": mae(p / s, r / s, m),
+                "sharpness": sharpness_ratio(p / s, r / s, m)}
     raise ValueError(f"unknown modality {modality!r}; use 'ct' or 'mr'")
 
 

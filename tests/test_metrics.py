@@ -110,3 +110,17 @@ def test_denoising_baselines_reduce_noise():
     smoothed = gaussian_denoise(noisy, affine, 1.0)
     assert (smoothed - clean)[flat].std() < 0.5 * (noisy - clean)[flat].std()
     assert mae(nlm_denoise(noisy), clean) < 0.5 * before
+
+
+def test_sharpness_ratio_is_one_for_the_truth_below_for_blur_above_for_noise():
+    from scipy import ndimage
+
+    from scripts.metrics import score, sharpness_ratio
+    from tests.conftest import ct_phantom
+
+    vol, _ = ct_phantom((48, 48, 16))
+    blurred = ndimage.gaussian_filter(vol, 1.0)
+    noisy = vol + np.random.RandomState(0).normal(0, 100, vol.shape)
+    assert sharpness_ratio(vol, vol) == pytest.approx(1.0)
+    assert sharpness_ratio(blurred, vol) < 0.7 < 1.3 < sharpness_ratio(noisy, vol)
+    assert score(blurred, vol, "ct")["sharpness"] < 1.0
