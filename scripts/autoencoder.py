@@ -27,22 +27,69 @@ SCALE_FILE = "autoencoder_scale.json"
 
 
 def downsample_factor(autoencoder: AutoencoderKL) -> int:
-    """Spatial downsampling of the encoder: 2 per level after the first (or an exported one's ``downsample``)."""
+    """In-plane spatial downsampling of the encoder: 2 per level after the first (or an exported one's
+    ``downsample``)."""
     if hasattr(autoencoder, "downsample"):
         return int(autoencoder.downsample)
     return 2 ** (len(autoencoder.encoder.channels) - 1)
+
+
+def downsample_factors(autoencoder: AutoencoderKL) -> tuple[int, int, int]:
+    """Downsampling along each axis of a volume: ``(f, f, f)`` for a 3D autoencoder, ``(f, f, 1)`` for a
+    ``SliceAutoencoderKL``, which keeps every slice."""
+    f = downsample_factor(autoencoder)
+    return (f, f, 1) if getattr(autoencoder, "slice_wise", False) else (f, f, f)
+
+
+class SliceAutoencoderKL(AutoencoderKL):
+    """A 2D ``AutoencoderKL`` run slice by slice along the last axis of a volume (2.5D).
+
+    Volumes ``(B, C, X, Y, Z)`` encode to latents ``(B, L, X/f, Y/f, Z)`` that keep every slice of the grid, so
+    thick-slice data lose nothing through-plane to the autoencoder; the 3D prior and ControlNet work on that
+    latent and restore the through-plane structure. 4D input ``(B, C, X, Y)`` passes as to a 2D autoencoder, and
+    the state dict is that of a plain 2D ``AutoencoderKL``.
+    """
+
+    slice_wise = True
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.pop("spatial_dims", None)
+        super().__init__(spatial_dims=2, **kwargs)
+
+    @staticmethod
+    def _fold(x: torch.Tensor) -> torch.Tensor:
+        return x.movedim(-1, 1).reshape(-1, *x.shape[1:4])
+
+    @staticmethod
+    def _unfold(y: torch.Tensor, batch: int) -> torch.Tensor:
+        return y.reshape(batch, -1, *y.shape[1:]).movedim(1, -1)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.ndim == 4:
+            return super().encode(x)
+        mu, sigma = super().encode(self._fold(x))
+        return self._unfold(mu, x.shape[0]), self._unfold(sigma, x.shape[0])
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim == 4:
+            return super().decode(z)
+        return self._unfold(super().decode(self._fold(z)), z.shape[0])
 
 
 class ReconstructionInferer(Inferer):
     """Whole-volume reconstruction through ``reconstruct_volume``, for evaluators: the same windowed path as
     inference, so validation measures what users get."""
 
-    def __init__(self, roi_size: Sequence[int] = (128, 128, 32), overlap: float = 0.25) -> None:
+    def __init__(self, roi_size: Sequence[int] = (128, 128, 32), overlap: float = 0.25, amp: bool | str = False
+                 ) -> None:
         super().__init__()
-        self.roi_size, self.overlap = roi_size, overlap
+        self.roi_size, self.overlap, self.amp = roi_size, overlap, amp
 
     def __call__(self, inputs: torch.Tensor, network: AutoencoderKL, *args, **kwargs) -> torch.Tensor:
-        return reconstruct_volume(network, inputs, self.roi_size, self.overlap)
+        from scripts.engine import autocast
+
+        with autocast(inputs.device, self.amp):
+            return reconstruct_volume(network, inputs, self.roi_size, self.overlap).float()
 
 
 def _starts(size: int, roi: int, step: int) -> list[int]:
@@ -52,17 +99,22 @@ def _starts(size: int, roi: int, step: int) -> list[int]:
     return starts
 
 
+def _per_axis(value: float | Sequence[float], cast: type = float) -> list:
+    return [cast(v) for v in value] if isinstance(value, Sequence) else [cast(value)] * 3
+
+
 def tiled_apply(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     roi_size: Sequence[int],
-    scale: float,
+    scale: float | Sequence[float],
     overlap: float = 0.25,
-    halo: int = 0,
-    unit: int = 1,
+    halo: int | Sequence[int] = 0,
+    unit: int | Sequence[int] = 1,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Apply ``fn`` (output ``scale`` times the input's size) to ``(B, C, X, Y, Z)`` window by window.
+    """Apply ``fn`` (output ``scale`` times the input's size, per axis or for all) to ``(B, C, X, Y, Z)`` window
+    by window.
 
     Each window is read with ``halo`` extra input voxels of real context on every side (clamped at the volume's
     edges), and only its central part is kept, so zero padding inside ``fn`` never reaches the kept output.
@@ -72,24 +124,26 @@ def tiled_apply(
     when enabled (posterior sampling wraps ``fn`` in activation checkpointing to keep that bound).
     """
     size = x.shape[2:]
-    halo = -(-int(halo) // unit) * unit  # rounded up to whole units
-    roi = [min(int(r), int(s)) // unit * unit or int(s) for r, s in zip(roi_size, size)]
-    steps = [max(unit, int(r * (1 - overlap)) // unit * unit) for r in roi]
+    scale, units = _per_axis(scale), _per_axis(unit, int)
+    halos = [-(-h // u) * u for h, u in zip(_per_axis(halo, int), units)]  # rounded up to whole units
+    roi = [min(int(r), int(s)) // u * u or int(s) for r, s, u in zip(roi_size, size, units)]
+    steps = [max(u, int(r * (1 - overlap)) // u * u) for r, u in zip(roi, units)]
     grid = list(itertools.product(*[_starts(int(s), r, st) for s, r, st in zip(size, roi, steps)]))
-    out_roi = [int(round(r * scale)) for r in roi]
+    out_roi = [int(round(r * sc)) for r, sc in zip(roi, scale)]
     weight = compute_importance_map(out_roi, mode="gaussian", sigma_scale=0.125, device=x.device).to(x.dtype)
     out = norm = None
     for start in tqdm(grid, desc="windows", disable=not progress, leave=False):
-        lo = [max(0, st - halo) for st in start]
-        hi = [min(int(s), st + r + halo) for s, st, r in zip(size, start, roi)]
+        lo = [max(0, st - h) for st, h in zip(start, halos)]
+        hi = [min(int(s), st + r + h) for s, st, r, h in zip(size, start, roi, halos)]
         y = fn(x[(slice(None), slice(None), *[slice(a, b) for a, b in zip(lo, hi)])])
-        keep = [slice(int(round((st - a) * scale)), int(round((st - a) * scale)) + o)
-                for st, a, o in zip(start, lo, out_roi)]
+        keep = [slice(int(round((st - a) * sc)), int(round((st - a) * sc)) + o)
+                for st, a, o, sc in zip(start, lo, out_roi, scale)]
         y = y[(slice(None), slice(None), *keep)]
         if out is None:
-            shape = (x.shape[0], y.shape[1], *[int(round(s * scale)) for s in size])
+            shape = (x.shape[0], y.shape[1], *[int(round(s * sc)) for s, sc in zip(size, scale)])
             out, norm = x.new_zeros(shape), x.new_zeros(shape[2:])
-        target = tuple(slice(int(round(st * scale)), int(round(st * scale)) + o) for st, o in zip(start, out_roi))
+        target = tuple(slice(int(round(st * sc)), int(round(st * sc)) + o)
+                       for st, o, sc in zip(start, out_roi, scale))
         out[(slice(None), slice(None), *target)] += y * weight
         norm[target] += weight
     return out / norm
@@ -104,10 +158,11 @@ def encode_volume(
     halo: int = 16,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Latent means ``(B, C_lat, X/f, Y/f, Z/f)`` of a padded ``(B, 1, X, Y, Z)`` image (see ``pad_for``)."""
-    f = downsample_factor(autoencoder)
-    return tiled_apply(lambda t: autoencoder.encode(t)[0], image, roi_size, 1 / f, overlap, halo // f * f, f,
-                       progress)
+    """Latent means ``(B, C_lat, X/f, Y/f, Z/f)`` (``Z`` for a slice-wise autoencoder) of a padded
+    ``(B, 1, X, Y, Z)`` image (see ``pad_for``)."""
+    fs = downsample_factors(autoencoder)
+    return tiled_apply(lambda t: autoencoder.encode(t)[0], image, roi_size, [1 / f for f in fs], overlap,
+                       [halo // f * f if f > 1 else 0 for f in fs], fs, progress)
 
 
 @torch.no_grad()
@@ -120,7 +175,8 @@ def decode_volume(
     progress: bool = False,
 ) -> torch.Tensor:
     """Image ``(B, 1, f*X, f*Y, f*Z)`` decoded from latents window by window (``roi_size`` in latent voxels)."""
-    return tiled_apply(autoencoder.decode, latent, roi_size, downsample_factor(autoencoder), overlap, halo, 1,
+    fs = downsample_factors(autoencoder)
+    return tiled_apply(autoencoder.decode, latent, roi_size, fs, overlap, [halo if f > 1 else 0 for f in fs], 1,
                        progress)
 
 
@@ -129,9 +185,9 @@ def pad_for(autoencoder: AutoencoderKL, image: torch.Tensor, latent_multiple: in
     """Edge-pad the spatial dims of ``(B, C, X, Y, Z)`` so that the latent grid is a whole number of voxels, and
     a multiple of ``latent_multiple`` (what a diffusion UNet downsampling the latent needs); also return the
     slices that crop the result back."""
-    f = downsample_factor(autoencoder)
     shape = image.shape[2:]
-    pad = DivisiblePad(k=f * int(latent_multiple), mode="edge", method="end")
+    pad = DivisiblePad(k=[f * int(latent_multiple) for f in downsample_factors(autoencoder)], mode="edge",
+                       method="end")
     padded = torch.stack([torch.as_tensor(pad(im)).as_subclass(torch.Tensor) for im in image])
     return padded, (slice(None), slice(None), *[slice(0, n) for n in shape])
 
@@ -143,10 +199,23 @@ def reconstruct_volume(
     overlap: float = 0.25,
 ) -> torch.Tensor:
     """Encode and decode a whole volume window by window; same shape as ``image``."""
-    f = downsample_factor(autoencoder)
     padded, crop = pad_for(autoencoder, image)
     z = encode_volume(autoencoder, padded, roi_size, overlap)
-    return decode_volume(autoencoder, z, [max(1, r // f) for r in roi_size], overlap)[crop]
+    return decode_volume(autoencoder, z, latent_roi(autoencoder, roi_size), overlap)[crop]
+
+
+def latent_roi(autoencoder: AutoencoderKL, roi_size: Sequence[int]) -> list[int]:
+    """The latent window that an image window ``roi_size`` maps onto."""
+    return [max(1, int(r) // f) for r, f in zip(roi_size, downsample_factors(autoencoder))]
+
+
+def latent_affine(autoencoder: AutoencoderKL, affine: np.ndarray) -> np.ndarray:
+    """Affine of the latent grid of an image with ``affine``: voxels ``f`` times larger, centred on the image
+    voxels they cover."""
+    fs = downsample_factors(autoencoder)
+    out = np.asarray(affine) @ np.diag([*fs, 1.0])
+    out[:3, 3] = (np.asarray(affine) @ np.array([(f - 1) / 2 for f in fs] + [1.0]))[:3]
+    return out
 
 
 @torch.no_grad()
@@ -219,7 +288,6 @@ def prepare_latents(
     from scripts.volumes import load_volume
 
     autoencoder.eval().to(device)
-    f = downsample_factor(autoencoder)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw = json.loads(Path(datalist).read_text())
@@ -234,8 +302,7 @@ def prepare_latents(
             d = NormalizeIntensityd("image", default_modality=item.get("modality", modality))({"image": image})
             padded, _ = pad_for(autoencoder, d["image"].as_tensor()[None].to(device))
             z = encode_volume(autoencoder, padded, roi_size, overlap)[0].cpu()
-            affine = np.asarray(image.affine) @ np.diag([f, f, f, 1.0])
-            affine[:3, 3] = (np.asarray(image.affine) @ np.array([(f - 1) / 2] * 3 + [1.0]))[:3]
+            affine = latent_affine(autoencoder, np.asarray(image.affine))
             name = Path(str(item["image"]).rstrip("/")).name.split(".")[0]
             path = out / f"{name}_latent.pt"
             torch.save({"latent": z, "affine": torch.as_tensor(affine), "intensity": d["image_intensity"],

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from scripts.baselines import gaussian_denoise, nlm_denoise, resample
-from scripts.degradations import blur, lowdose_ct, rician_noise, thick_slice, thick_slice_affine
+from scripts.degradations import blur, kspace_truncate, lowdose_ct, rician_noise, thick_slice, thick_slice_affine
 from scripts.evaluate import evaluate
 from scripts.metrics import body_mask, mr_scale
 from scripts.volumes import load_volume, save_volume, spacing_of
@@ -43,7 +43,8 @@ def sr_factor(task: str) -> float | None:
 def degrade_for_task(task: str, x: torch.Tensor, affine: np.ndarray, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """The degraded volume and its affine for ``task`` (a key of ``TASKS``, or of ``scripts.results.TASKS``), with
     a fixed seed: thick slices with a box profile along the third axis (super-resolution), quarter-dose CT, Gaussian
-    blur, or Rician noise of 5 % of the 99th percentile."""
+    blur, k-space truncation (``_kspace<F>``: the central 1/F of k-space in-plane), or Rician noise of N % of the
+    99th percentile (``_rician<N>``)."""
     gen = torch.Generator().manual_seed(seed)
     factor = sr_factor(task)
     if factor is not None:
@@ -53,7 +54,12 @@ def degrade_for_task(task: str, x: torch.Tensor, affine: np.ndarray, seed: int) 
         return lowdose_ct(x, spacing_of(affine), dose_fraction=0.25, generator=gen), affine
     if "_blur_gaussian_" in task:  # e.g. ct_blur_gaussian_3mm: Gaussian sigma in mm
         return blur(x, float(task.rsplit("_", 1)[1].removesuffix("mm")), spacing_of(affine), "gaussian"), affine
-    sigma = 0.05 * float(torch.quantile(x.flatten()[::7].float(), 0.99))
+    if "_kspace" in task:
+        return kspace_truncate(x, float(task.rsplit("_kspace", 1)[1])), affine
+    match = re.search(r"_rician(\d+(?:\.\d+)?)$", task)
+    if not match:
+        raise ValueError(f"unknown task {task!r}")
+    sigma = float(match[1]) / 100 * float(torch.quantile(x.flatten()[::7].float(), 0.99))
     return rician_noise(x, sigma, gen), affine
 
 
@@ -67,7 +73,7 @@ def restore_all(task: str, y: torch.Tensor, y_aff: np.ndarray, target_spacing: n
             out[method] = (v, time.perf_counter() - t0)
         return out
     out["degraded input"] = (y, 0.0)
-    if "_blur_" in task:  # no classical deblurring baseline: the input is the reference point
+    if "_blur_" in task or "_kspace" in task:  # no classical deblurring baseline: the input is the reference point
         return out
     for s in GAUSSIAN_SIGMAS_MM:
         t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from monai.networks.nets import AutoencoderKL
 from monai.networks.schedulers import Scheduler
 from tqdm import tqdm
 
-from scripts.autoencoder import decode_volume, downsample_factor, encode_volume, pad_for, tiled_apply
+from scripts.autoencoder import decode_volume, downsample_factors, encode_volume, latent_roi, pad_for, tiled_apply
 from scripts.baselines import resample
 from scripts.diffusion import ControlledDenoiser, unet_divisor
 from scripts.dicom import new_template, series_template, write_series
@@ -59,19 +59,24 @@ def inference_parser(config_files: Sequence[str], load_networks: bool = True, **
     return parser
 
 
-def space_to_depth(x: torch.Tensor, f: int) -> torch.Tensor:
-    """``(B, C, fX, fY, fZ)`` -> ``(B, C*f^3, X, Y, Z)``: image-resolution data on the latent grid."""
-    b, c, *s = x.shape
-    x = x.reshape(b, c, s[0] // f, f, s[1] // f, f, s[2] // f, f)
-    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * f**3, s[0] // f, s[1] // f, s[2] // f)
+def _factors(f: int | Sequence[int]) -> list[int]:
+    return [int(v) for v in f] if isinstance(f, Sequence) else [int(f)] * 3
 
 
-def depth_to_space(x: torch.Tensor, f: int) -> torch.Tensor:
+def space_to_depth(x: torch.Tensor, f: int | Sequence[int]) -> torch.Tensor:
+    """``(B, C, fX, fY, fZ)`` -> ``(B, C*fx*fy*fz, X, Y, Z)``: image-resolution data on the latent grid (``f`` per
+    axis or for all)."""
+    (fx, fy, fz), (b, c, *s) = _factors(f), x.shape
+    x = x.reshape(b, c, s[0] // fx, fx, s[1] // fy, fy, s[2] // fz, fz)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * fx * fy * fz, s[0] // fx, s[1] // fy, s[2] // fz)
+
+
+def depth_to_space(x: torch.Tensor, f: int | Sequence[int]) -> torch.Tensor:
     """Inverse of ``space_to_depth``."""
-    b, c, *s = x.shape
-    c0 = c // f**3
-    x = x.reshape(b, c0, f, f, f, *s).permute(0, 1, 5, 2, 6, 3, 7, 4)
-    return x.reshape(b, c0, s[0] * f, s[1] * f, s[2] * f)
+    (fx, fy, fz), (b, c, *s) = _factors(f), x.shape
+    c0 = c // (fx * fy * fz)
+    x = x.reshape(b, c0, fx, fy, fz, *s).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, c0, s[0] * fx, s[1] * fy, s[2] * fz)
 
 
 def resolve_modality(image: torch.Tensor, modality: str | None) -> str:
@@ -99,7 +104,7 @@ def sample_latent(
     scheduler: Scheduler,
     condition: torch.Tensor,
     latent_channels: int,
-    fold: int,
+    fold: int | Sequence[int],
     num_inference_steps: int,
     generator: torch.Generator,
     roi_size: Sequence[int],
@@ -111,8 +116,8 @@ def sample_latent(
     start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DDIM sampling of a latent for a padded ``condition``: the encoded condition on the latent grid
-    (``fold=1``), or the normalised image ``(1, 1, fX, fY, fZ)`` for a ControlNet trained on images (``fold=f``,
-    the autoencoder's downsampling). ``denoiser`` maps (latent, timesteps, condition) to the noise prediction
+    (``fold=1``), or the normalised image ``(1, 1, fX, fY, fZ)`` for a ControlNet trained on images (``fold``, the
+    autoencoder's downsampling per axis). ``denoiser`` maps (latent, timesteps, condition) to the noise prediction
     (``ControlledDenoiser`` or its TorchScript export).
 
     At each step the noise prediction is computed window by window over the whole latent (``tiled_apply``), with
@@ -128,7 +133,7 @@ def sample_latent(
     cond = space_to_depth(condition, fold)
     z = torch.randn((1, latent_channels, *cond.shape[2:]), generator=generator).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    if 0 < strength < 1 and start is None and (fold != 1 or cond.shape[1] != latent_channels):
+    if 0 < strength < 1 and start is None and (_factors(fold) != [1, 1, 1] or cond.shape[1] != latent_channels):
         raise ValueError("strength < 1 starts from the encoded input: give it as start, or use encode_condition")
     timesteps, z = start_steps(scheduler, z, cond if start is None else start.to(device), strength)
     amp = device.type == "cuda"
@@ -214,17 +219,16 @@ def enhance_volume(
     ae: AutoencoderKL = networks["autoencoder"].eval()
     denoiser = (networks["denoiser"] if "denoiser" in networks
                 else ControlledDenoiser(networks["diffusion"], networks["controlnet"])).eval()
-    f = downsample_factor(ae)
     unit = unet_divisor(networks["diffusion"]) if "diffusion" in networks else int(networks["latent_multiple"])
     padded, crop = pad_for(ae, normalize(condition, params)[None].to(device), unit)
-    latent_roi = [max(1, r // f) for r in sw["roi_size"]]
-    fold, image_in, base, start = f, padded, None, None
+    window = latent_roi(ae, sw["roi_size"])
+    fold, image_in, base, start = downsample_factors(ae), padded, None, None
     encoded = networks.get("encode_condition", False)
     if encoded or residual_decoding or strength < 1:
         with torch.autocast("cuda", enabled=device.type == "cuda"):
             latent = encode_volume(ae, padded, sw["roi_size"], sw["overlap"], progress=progress).float()
         if residual_decoding:  # D(E(c)), decoded as the samples are, so that the decoder's loss cancels
-            base = decode_volume(ae, latent, latent_roi, sw["overlap"], progress=progress).float()
+            base = decode_volume(ae, latent, window, sw["overlap"], progress=progress).float()
         start = latent * networks["scale_factor"]
         if encoded:
             padded, fold = start, 1
@@ -232,9 +236,9 @@ def enhance_volume(
     for k in range(max(1, int(num_samples))):
         gen = torch.Generator().manual_seed(int(seed) + k)
         z = sample_latent(denoiser, networks["scheduler"], padded,
-                          ae.latent_channels, fold, num_inference_steps, gen, latent_roi, sw["sampling_overlap"],
+                          ae.latent_channels, fold, num_inference_steps, gen, window, sw["sampling_overlap"],
                           progress=progress, unit=unit, strength=strength, start=start)
-        decoded = decode_volume(ae, z / networks["scale_factor"], latent_roi, sw["overlap"], progress=progress)
+        decoded = decode_volume(ae, z / networks["scale_factor"], window, sw["overlap"], progress=progress)
         if base is not None:
             decoded = image_in + decoded.float() - base
         out = denormalize(decoded[crop][0].float().cpu(), params)

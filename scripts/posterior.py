@@ -33,7 +33,7 @@ from skimage.restoration import estimate_sigma
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from scripts.autoencoder import downsample_factor, encode_volume, pad_for, tiled_apply
+from scripts.autoencoder import downsample_factors, encode_volume, latent_roi, pad_for, tiled_apply
 from scripts.baselines import resample
 from scripts.degradations import blur, kspace_truncate
 from scripts.diffusion import unet_divisor
@@ -184,9 +184,9 @@ def posterior_sample(
     if schedule not in ("constant", "linear"):
         raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
     device = observed.device
-    f, unit = downsample_factor(autoencoder), unet_divisor(diffusion)
+    fs, unit = downsample_factors(autoencoder), unet_divisor(diffusion)
     padded, crop = pad_for(autoencoder, torch.zeros(1, 1, *out_shape, device=device), unit)
-    latent_shape = [s // f for s in padded.shape[2:]]
+    latent_shape = [s // f for s, f in zip(padded.shape[2:], fs)]
     z = torch.randn((1, diffusion.in_channels, *latent_shape), generator=generator).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
     z_start = None
@@ -195,7 +195,7 @@ def posterior_sample(
             raise ValueError("strength < 1 needs a start estimate")
         with torch.no_grad():
             z_start = encode_volume(autoencoder, pad_for(autoencoder, start.to(device), unit)[0],
-                                    [r * f for r in roi_size], overlap) * scale_factor
+                                    [r * f for r, f in zip(roi_size, fs)], overlap) * scale_factor
     timesteps, z = start_steps(scheduler, z, z_start, strength)
     n = len(timesteps)
     # frozen networks: gradients are wanted for the latent only
@@ -203,7 +203,8 @@ def posterior_sample(
         p.requires_grad_(False)
 
     def decode(z0: torch.Tensor) -> torch.Tensor:
-        x = tiled_apply(_checkpointed(autoencoder.decode), z0 / scale_factor, roi_size, f, overlap, halo)
+        x = tiled_apply(_checkpointed(autoencoder.decode), z0 / scale_factor, roi_size, fs, overlap,
+                        [halo if f > 1 else 0 for f in fs])
         return x[crop]
 
     def misfit(x: torch.Tensor) -> torch.Tensor:
@@ -314,7 +315,6 @@ def restore(
     unit = 1.0 / float(params["scale"])  # one unit of the input in normalised values
     sigma = estimate_noise(observed) if noise_sigma is None else float(noise_sigma) * unit
     sw = {"roi_size": [256, 256, 32], "sampling_overlap": 0.5, **(sliding_window or {})}
-    f = downsample_factor(networks["autoencoder"])
     recorder = Recorder(record) if record else None
     start = None
     if strength < 1:  # the input interpolated onto the output grid (itself on the same grid), as the main job's
@@ -323,7 +323,7 @@ def restore(
         networks["autoencoder"].eval(), networks["diffusion"].eval(), networks["scheduler"],
         float(networks["scale_factor"]), observed, A, out_shape, sigma, num_inference_steps,
         torch.Generator().manual_seed(int(seed)), method, step_size, schedule, refine_iters,
-        roi_size=[max(1, r // f) for r in sw["roi_size"]], overlap=sw["sampling_overlap"], record=recorder,
+        roi_size=latent_roi(networks["autoencoder"], sw["roi_size"]), overlap=sw["sampling_overlap"], record=recorder,
         start=start, strength=float(strength))
     if int(consistency_iters) > 0:
         x = least_squares_consistency(x, observed, A, sigma, int(consistency_iters))

@@ -51,14 +51,20 @@ logger = logging.getLogger(__name__)
 TASKS: dict[str, dict] = {
     "ct_sr_5to10mm": {"modality": "ct", "operator": {"operator": "thick_slice", "factor": 2.0, "profile": "box"},
                       "in_training_range": True},
+    "ct_sr_3to6mm": {"modality": "ct", "operator": {"operator": "thick_slice", "factor": 2.0, "profile": "box"},
+                     "in_training_range": True},
     "ct_lowdose_quarter": {"modality": "ct", "operator": {"operator": "identity"}, "in_training_range": True},
     "ct_blur_gaussian_3mm": {"modality": "ct", "operator": {"operator": "blur", "kernel": "gaussian",
                                                             "sigma_mm": 3.0}, "in_training_range": False},
+    "ct_blur_gaussian_1mm": {"modality": "ct", "operator": {"operator": "blur", "kernel": "gaussian",
+                                                            "sigma_mm": 1.0}, "in_training_range": True},
     "mr_sr_1to4mm": {"modality": "mr", "operator": {"operator": "thick_slice", "factor": 4.0, "profile": "box"},
                      "in_training_range": True},
     "mr_sr_1to8mm": {"modality": "mr", "operator": {"operator": "thick_slice", "factor": 8.0, "profile": "box"},
                      "in_training_range": False},
     "mr_rician5": {"modality": "mr", "operator": {"operator": "identity"}, "in_training_range": True},
+    "mr_rician4": {"modality": "mr", "operator": {"operator": "identity"}, "in_training_range": True},
+    "mr_kspace2": {"modality": "mr", "operator": {"operator": "kspace", "factor": 2.0}, "in_training_range": True},
 }
 METHODS = ("classical", "autoencoder ceiling", "regression", "ours", "ours + data consistency", "ours from the input",
            "ours + residual decoding", "ours mean", "posterior", "posterior from the input")

@@ -21,9 +21,10 @@ from monai.visualize import plot_2d_or_3d_image
 from torch.optim import Optimizer
 from torch.utils.tensorboard import SummaryWriter
 
-from scripts.autoencoder import downsample_factor
+from scripts.autoencoder import downsample_factors
 from scripts.diffusion import ControlledDenoiser, unet_divisor
 from scripts.enhance import sample_latent
+from scripts.engine import autocast, channels_last, cpu_bf16
 from scripts.options import flag
 
 
@@ -43,7 +44,8 @@ class VAEGANTrainer(Trainer):
 
     ``extra_losses`` maps a name to ``(weight, loss_fn(recon, image))`` (SSIM, spectral or perceptual losses);
     each value is reported in the engine output under its name. Gradients are accumulated over
-    ``accumulation_steps`` iterations; AMP (``amp=True``) is used on CUDA only.
+    ``accumulation_steps`` iterations. ``amp=True`` is float16 AMP on CUDA and bfloat16 autocast with
+    channels-last tensors on a CPU (``scripts.engine``).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class VAEGANTrainer(Trainer):
         amp: bool = False,
         non_blocking: bool = False,
     ) -> None:
+        bf16 = cpu_bf16(device, amp)
         amp = flag(amp, "amp") and torch.device(device).type == "cuda"
         super().__init__(
             device=device,
@@ -77,7 +80,7 @@ class VAEGANTrainer(Trainer):
             handlers=train_handlers,
             amp=amp,
         )
-        self.network, self.optimizer = network, optimizer
+        self.network, self.optimizer, self.bf16 = network, optimizer, bf16
         self.discriminator, self.d_optimizer = discriminator, d_optimizer
         self.kl_weight, self.adv_weight, self.adv_warmup_iters = kl_weight, adv_weight, adv_warmup_iters
         self.extra_losses = extra_losses or {}
@@ -102,11 +105,12 @@ class VAEGANTrainer(Trainer):
 
     def _iteration(self, engine: VAEGANTrainer, batchdata: dict) -> dict:  # type: ignore[override]
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
-        images = batch[0]
+        images = channels_last(batch[0]) if self.bf16 else batch[0]
         last = engine.state.iteration % self.accumulation_steps == 0
         adversarial = engine.state.iteration > self.adv_warmup_iters and self.adv_weight > 0
         self.network.train()
-        with torch.autocast("cuda", enabled=self.amp):
+        fast = self.amp or self.bf16
+        with autocast(engine.state.device, fast):
             recon, z_mu, z_sigma = self.network(images)
             out = {"l1": torch.nn.functional.l1_loss(recon.float(), images.float()),
                    "kl": kl_loss(z_mu.float(), z_sigma.float())}
@@ -123,7 +127,7 @@ class VAEGANTrainer(Trainer):
 
         if adversarial:
             self.discriminator.train()
-            with torch.autocast("cuda", enabled=self.amp):
+            with autocast(engine.state.device, fast):
                 fake = self.discriminator(recon.detach().contiguous().float())[-1]
                 real = self.discriminator(images.contiguous().float())[-1]
                 out["adv_d"] = 0.5 * (self.adv_loss(fake, target_is_real=False, for_discriminator=True)
@@ -308,12 +312,12 @@ class RestorationSampleHandler:
         item = batch[-1] if isinstance(batch, list) else {k: v[-1] for k, v in batch.items()}
         device = engine.state.device
         target, condition = item["image"][None].to(device), item[self.condition_key][None].to(device)
-        fold = downsample_factor(self.autoencoder)
+        fold = downsample_factors(self.autoencoder)
         if self.encode_condition:
-            condition_in, fold = self.autoencoder.encode(condition)[0] * self.scale_factor, 1
+            condition_in, fold = self.autoencoder.encode(condition)[0] * self.scale_factor, (1, 1, 1)
         else:
             condition_in = condition
-        latent_shape = [s // fold for s in condition_in.shape[2:]]
+        latent_shape = [s // f for s, f in zip(condition_in.shape[2:], fold)]
         z = sample_latent(self.denoiser, self.scheduler, condition_in, self.autoencoder.latent_channels, fold,
                           self.num_inference_steps, torch.Generator().manual_seed(self.seed), latent_shape,
                           progress=False, unit=unet_divisor(self.denoiser.diffusion))
