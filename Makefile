@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench study study-mr device-kit clean
+.PHONY: install demo test bench study study-mr study-autoencoder release-data device-kit clean
 
 install: $(STAMP)
 
@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m scripts.bench sizes
+	$(PY) -m scripts.bench engine
 	$(PY) -m scripts.bench all
 	$(PY) -m scripts.bench enhance
 	$(PY) -m scripts.bench posterior
@@ -71,6 +72,38 @@ study-mr:
 	$(MAKE) study S=outputs/study_mr STUDY_VOLUMES="{'mni152_t1_1mm.nii.gz': 'mr'}" VAL_FRACTION=0.3 \
 	    PAIRS="'configs/small.json'" STUDY_TASKS="['mr_sr_1to4mm','mr_sr_1to8mm','mr_rician5']" \
 	    STUDY_CROP="[160,176,40]" STUDY_ROI="[160,176,48]"
+
+# The release data (../shared/data split by volume, scripts.datalist release) and its low-dose CT noise cache
+# (3 dose levels, one realization each: about 11 minutes on 2 cores).
+R := outputs/release
+release-data: $(STAMP)
+	mkdir -p $(R)/logs
+	$(PY) -m scripts.datalist release ../shared/data $(R)/datalist.json
+	$(PY) -m scripts.lowdose_cache $(R)/datalist.json $(R)/lowdose --doses "[0.1,0.25,0.5]" --realizations 1 \
+	    > $(R)/logs/lowdose_cache.log 2>&1
+
+# 2.5D against 3D autoencoder at equal CPU time (AE_SECONDS each, same widths 16/32/64, same patches), both on the
+# release training volumes; then the autoencoder ceiling (plain, residual decoding, data consistency) on the
+# release validation volumes: CT 5 -> 10 mm (lung1), 3 -> 6 mm (IBSI), MR 1 -> 4 mm (child brain MPRAGE).
+A := outputs/study_autoencoder
+AE_SECONDS := 900
+AE_TRAIN := --max_epochs 1000 --epoch_length 20 --val_interval 5 --lr 0.0005 --batch_size 1 \
+	--patch_size "[96,96,32]" --max_seconds $(AE_SECONDS) --adv_weight 0
+study-autoencoder: $(STAMP)
+	mkdir -p $(A)/logs
+	$(PY) -m scripts.datalist release ../shared/data $(A)/datalist_train.json --keep_validation "['ibsi_sts012_ct.nii.gz']"
+	$(PY) -m scripts.datalist release ../shared/data $(A)/datalist.json
+	$(RUN) training --config_file "['configs/train_autoencoder.json','configs/small.json']" \
+	    --datalist $(A)/datalist_train.json --ckpt_dir $(A)/3d --output_dir $(A)/3d_tb $(AE_TRAIN) \
+	    > $(A)/logs/3d.log 2>&1
+	$(RUN) training --config_file "['configs/train_autoencoder.json','configs/small.json','configs/slice_autoencoder.json']" \
+	    --datalist $(A)/datalist_train.json --ckpt_dir $(A)/slice --output_dir $(A)/slice_tb $(AE_TRAIN) \
+	    > $(A)/logs/slice.log 2>&1
+	for v in 3d slice; do cfg=$$( [ $$v = slice ] && echo "'configs/small.json','configs/slice_autoencoder.json'" \
+	    || echo "'configs/small.json'" ); \
+	  $(RUN) --config_file configs/results.json --datalist $(A)/datalist.json --ckpt_dir $(A)/$$v \
+	    --network_configs "[$$cfg]" --output_dir $(A)/results_$$v --methods "['classical','autoencoder ceiling']" \
+	    --tasks "['ct_sr_5to10mm','ct_sr_3to6mm','mr_sr_1to4mm']" > $(A)/logs/results_$$v.log 2>&1; done
 
 # For training on the development GPU machine (the library's device tool; its Python 3.12 has torch but not these):
 # the missing wheels in .whl/ and the development region split in .data/regions/, both git-ignored, about 28 MB

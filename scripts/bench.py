@@ -255,6 +255,47 @@ def sizes(config_files: Sequence[str] = ("configs/common.json",)) -> None:
     print(f"{'total':<12} {total / 1e6:7.2f} M parameters {4 * total / 1e6:7.1f} MB float32 (budget about 150 MB)")
 
 
+def engine_bench(repeats: int = 2, config_files: Sequence[str] = ("configs/common.json",)) -> None:
+    """``python -m scripts.bench engine``: one training iteration of each network of ``config_files`` (later files
+    override earlier ones) on its training patch (batch 2, as 2 crops of one volume), float32 against bfloat16
+    autocast + channels-last (``scripts.engine``), measured side by side in one process; the best of
+    ``repeats`` after a warm-up."""
+    from monai.bundle import ConfigParser
+
+    from scripts.engine import prepare_network, run_network
+
+    parser = ConfigParser()
+    parser.read_config(list(config_files))
+    patch = list(parser.get_parsed_content("patch_size"))
+    latent_patch = list(parser.get_parsed_content("latent_patch_size"))
+    latent_channels = int(parser.get("autoencoder_def")["latent_channels"])
+    print(f"one training iteration (forward, backward, AdamW step), batch 2, {torch.get_num_threads()} threads")
+    print(f"{'network':<12} {'input':<22} {'float32 s':>10} {'bf16+CL s':>10} {'ratio':>6}")
+
+    def step(net: torch.nn.Module, x: torch.Tensor, amp: bool, extra: dict) -> float:
+        opt = torch.optim.AdamW(net.parameters(), 1e-4)
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            out = run_network(net, x, "cpu", amp, **extra)
+            loss = (out[0] if isinstance(out, (tuple, list)) else out).abs().mean()  # the AE returns (recon, mu, s)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    for name in ("regression", "autoencoder", "diffusion"):
+        shape = [2, 1, *patch] if name != "diffusion" else [2, latent_channels, *latent_patch]
+        extra = {"timesteps": torch.tensor([10, 500])} if name == "diffusion" else {}
+        secs = []
+        for amp in (False, True):
+            torch.manual_seed(0)
+            net = prepare_network(parser.get_parsed_content(f"{name}_def", instantiate=True), "cpu", amp)
+            secs.append(step(net, torch.randn(shape), amp, extra))
+        print(f"{name:<12} {str(tuple(shape)):<22} {secs[0]:10.2f} {secs[1]:10.2f} {secs[0] / secs[1]:6.2f}")
+
+
 def demo_bench(steps: int = 10) -> None:
     """``python -m scripts.bench demo``: wall time of the demo with ours included, as a user's ``make demo`` would
     run it once ``models/`` holds trained weights: random weights of ``configs/common.json``'s networks in a
@@ -301,4 +342,4 @@ if __name__ == "__main__":
     import fire
 
     fire.Fire({"all": main, "seams": seams, "enhance": enhance_bench, "posterior": posterior_bench,
-               "demo": demo_bench, "sizes": sizes})
+               "demo": demo_bench, "sizes": sizes, "engine": engine_bench})

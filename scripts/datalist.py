@@ -164,9 +164,12 @@ def modality_of(name: str) -> str:
     return "ct" if re.search(r"(_ct\.|^lung)", name) else "mr"
 
 
-def split_release(data_dir: str, output: str, validation: Sequence[str] = RELEASE_VALIDATION) -> dict:
+def split_release(data_dir: str, output: str, validation: Sequence[str] = RELEASE_VALIDATION,
+                  keep_validation: Sequence[str] | None = None) -> dict:
     """The release split of ``data_dir`` by volume (``validation`` by file name, every other image training),
-    each entry with its ``modality``, written to ``output`` with an absolute ``dataroot``."""
+    each entry with its ``modality``, written to ``output`` with an absolute ``dataroot``. ``keep_validation``
+    lists only some validation volumes (the others are left out, not trained on): a cheaper validation during
+    training."""
     root = Path(data_dir).resolve()
     names = [p.name for p in find_images(root)]
     missing = sorted(set(validation) - set(names))
@@ -175,6 +178,8 @@ def split_release(data_dir: str, output: str, validation: Sequence[str] = RELEAS
     datalist: dict = {"name": "release", "dataroot": str(root), "training": [], "validation": []}
     for name in names:
         key = "validation" if name in validation else "training"
+        if key == "validation" and keep_validation is not None and name not in keep_validation:
+            continue
         datalist[key].append({"image": name, "modality": modality_of(name)})
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(datalist, indent=2))

@@ -2,10 +2,11 @@
 
 Two tasks: through-plane super-resolution (5 mm -> 10 mm thick slices -> back to 5 mm) and quarter-dose CT
 denoising. The classical baselines always run (trilinear and cubic B-spline interpolation; Gaussian filtering and
-non-local means, each tuned as in ``scripts.baseline_report``). When ``ckpt_dir`` holds trained weights, the main
-job's latent diffusion + ControlNet runs as well; without them the demo says that it shows the *classical
-baseline* only. It prints the metrics and writes the degraded inputs, the restorations (NIfTI) and PNG montages
-(input, best classical method, ours when present, reference).
+non-local means, each tuned as in ``scripts.baseline_report``). When ``ckpt_dir`` holds trained weights, the
+regression stage and the main job's latent diffusion + ControlNet run as well (each when its weights are there);
+without any the demo says that it shows the *classical baseline* only. It prints the metrics and writes the
+degraded inputs, the restorations (NIfTI) and PNG montages (input, best classical method, regression, ours,
+reference).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ TASKS = {"ct_sr_5to10mm": "SR 10 mm -> 5 mm", "ct_lowdose_quarter": "quarter-dos
 def run_demo(sample: str, output_dir: str, seed: int = 0, ckpt_dir: str = "models",
              network_configs: Sequence[str] = ("configs/inference.json",), num_inference_steps: int = 10,
              sliding_window: dict | None = None, strength: float = 1.0, residual_decoding: bool = False,
-             consistency: bool = False) -> dict:
+             consistency: bool = False, amp: bool = True) -> dict:
     """Run both demo tasks on ``sample`` (a CT in HU) and write everything to ``output_dir``; the networks of
     ``network_configs`` with the weights in ``ckpt_dir`` run too when those weights exist, with the main job's
     ``strength``, ``residual_decoding`` and data ``consistency`` (``configs/demo.json`` takes them from
@@ -45,12 +46,18 @@ def run_demo(sample: str, output_dir: str, seed: int = 0, ckpt_dir: str = "model
     ref = load_volume(sample)
     affine, x = np.asarray(ref.affine), ref.as_tensor()[0]
     networks = load_networks(network_configs, ckpt_dir, "cpu")
+    regression = load_networks([*network_configs, "configs/inference_regression.json"], ckpt_dir, "cpu")
     report: dict[str, dict] = {}
     lines = [""]
-    if networks is None:
+    if networks is None and regression is None:
         lines += [f"CLASSICAL BASELINE ONLY: no trained weights in {ckpt_dir}; these are interpolation and denoising",
                   "filters (Gaussian sigma and NLM h tuned against the reference), the numbers a network must beat."]
-    else:
+    if regression is not None:
+        lines += [f"regression: the regression stage (stage A), weights from {ckpt_dir}"]
+    if networks is None and regression is not None:
+        lines += [f"ours (latent diffusion + ControlNet): no weights in {ckpt_dir} yet; classical filters tuned "
+                  "against the reference"]
+    elif networks is not None:
         lines += [f"ours: latent diffusion + ControlNet, weights from {ckpt_dir}, {num_inference_steps} DDIM steps at "
                   f"strength {float(strength):g}, residual decoding {flag(residual_decoding)}, data consistency "
                   f"{flag(consistency)}, seed {seed}; classical filters tuned against the reference"]
@@ -60,27 +67,34 @@ def run_demo(sample: str, output_dir: str, seed: int = 0, ckpt_dir: str = "model
         y, y_aff = degrade_for_task(task, x, affine, seed)
         save_volume(y, y_aff, out / f"{task}_input.nii.gz", dtype="int16")
         restored = restore_all(task, y, y_aff, spacing_of(affine))
+        if regression is not None:
+            t0 = time.perf_counter()
+            v, _, _, _ = enhance_volume(MetaTensor(y[None], affine=torch.as_tensor(y_aff)), regression,
+                                        spacing_of(affine).tolist(), "ct", sliding_window=sliding_window,
+                                        method="regression", amp=flag(amp, "amp"))
+            restored["regression"] = (v[0], time.perf_counter() - t0)
         if networks is not None:
             t0 = time.perf_counter()
             v, _, out_affine, _ = enhance_volume(MetaTensor(y[None], affine=torch.as_tensor(y_aff)), networks,
                                                  spacing_of(affine).tolist(), "ct", num_inference_steps, seed,
                                                  sliding_window=sliding_window, strength=float(strength),
                                                  residual_decoding=flag(residual_decoding, "residual_decoding"),
-                                                 consistency=flag(consistency, "data_consistency"))
+                                                 consistency=flag(consistency, "data_consistency"),
+                                                 amp=flag(amp, "amp"))
             if v[0].shape != x.shape or not np.allclose(out_affine, affine, atol=1e-4):
                 raise RuntimeError(f"{task}: the enhanced grid {tuple(v[0].shape)} does not match the reference's")
             restored["ours"] = (v[0], time.perf_counter() - t0)
         results = {m: {"volume": v, "seconds": sec, "metrics": score(v, x, "ct")} for m, (v, sec) in restored.items()}
-        classical = [m for m in results if m not in ("degraded input", "ours")]
+        classical = [m for m in results if m not in ("degraded input", "ours", "regression")]
         best = max(classical, key=lambda m: results[m]["metrics"]["psnr"])
         shown = resample(y, y_aff, spacing_of(affine), "trilinear")[0]  # y itself on the same grid
-        methods = [best, "ours"] if networks is not None else [best]
+        methods = [best, *[m for m in ("regression", "ours") if m in results]]
         for m in methods:
             save_volume(results[m]["volume"], affine, out / f"{task}_{m.replace(' ', '_')}.nii.gz", dtype="int16")
         panels = {"input" if y.shape == x.shape else "input (trilinear)": shown,
                   **{m: results[m]["volume"] for m in methods}, "reference": x}
         montage(panels, affine, out / f"{task}.png", WINDOW, difference=(methods[-1], "reference"),
-                title=f"{title}: " + ("ours and the best classical method" if networks is not None
+                title=f"{title}: " + (f"{' and '.join(methods[1:])} and the best classical method" if methods[1:]
                                       else f"classical baseline ({best})"))
         report[task] = {m: {"metrics": r["metrics"], "seconds": r["seconds"]} for m, r in results.items()}
         for m, r in results.items():

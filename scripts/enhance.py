@@ -32,6 +32,7 @@ from scripts.diffusion import ControlledDenoiser, unet_divisor
 from scripts.dicom import new_template, series_template, write_series
 from scripts.grid import apply_along_axis, axis_positions, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
+from scripts.engine import autocast, run_network
 from scripts.options import flag
 from scripts.volumes import load_volume, save_volume, spacing_of
 
@@ -114,6 +115,7 @@ def sample_latent(
     unit: int = 1,
     strength: float = 1.0,
     start: torch.Tensor | None = None,
+    amp: bool = True,
 ) -> torch.Tensor:
     """DDIM sampling of a latent for a padded ``condition``: the encoded condition on the latent grid
     (``fold=1``), or the normalised image ``(1, 1, fX, fY, fZ)`` for a ControlNet trained on images (``fold``, the
@@ -127,7 +129,8 @@ def sample_latent(
 
     ``strength < 1`` starts from the input's scaled latent ``start`` (by default the condition, when it is the
     encoded input) noised to the first of the last ``strength`` fraction of the steps, and runs only those
-    (SDEdit): fewer steps, and an output tied closer to the input.
+    (SDEdit): fewer steps, and an output tied closer to the input. ``amp``: the denoiser under ``scripts.engine``'s
+    autocast (float16 on CUDA, bfloat16 on a CPU); the latent and the scheduler stay float32.
     """
     device = condition.device
     cond = space_to_depth(condition, fold)
@@ -136,14 +139,10 @@ def sample_latent(
     if 0 < strength < 1 and start is None and (_factors(fold) != [1, 1, 1] or cond.shape[1] != latent_channels):
         raise ValueError("strength < 1 starts from the encoded input: give it as start, or use encode_condition")
     timesteps, z = start_steps(scheduler, z, cond if start is None else start.to(device), strength)
-    amp = device.type == "cuda"
 
     def predict(window: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         zw, cw = window[:, :latent_channels], depth_to_space(window[:, latent_channels:], fold)
-        ts = t.reshape(1).to(device)
-        with torch.autocast("cuda", enabled=amp):
-            out = denoiser(zw, ts, cw)
-        return out.float()
+        return run_network(denoiser, zw, device, amp, t.reshape(1).to(device), cw)
 
     for t in tqdm(timesteps, desc="denoising steps", disable=not progress):
         noise_pred = tiled_apply(lambda w: predict(w, t), torch.cat([z, cond], 1), roi_size, 1.0, overlap, halo,
@@ -181,6 +180,7 @@ def enhance_volume(
     consistency: bool = False,
     strength: float = 1.0,
     residual_decoding: bool = False,
+    amp: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, str]:
     """Enhance a loaded ``(1, X, Y, Z)`` MetaTensor; return the mean, the std map (``num_samples > 1``), the
     output affine and the modality used. Values are in the input's units.
@@ -193,6 +193,8 @@ def enhance_volume(
     ``residual_decoding=True`` returns ``c + D(z) - D(E(c))`` for the input ``c`` on the output grid instead of
     ``D(z)``: the sample changes the input by what it changes in the latent, and detail the autoencoder cannot
     reproduce is taken from the input rather than lost (one more windowed decode per volume).
+    ``amp=True`` runs the networks under ``scripts.engine``'s autocast (float16 on CUDA, bfloat16 with channels-last
+    on a CPU); intensities, latents and the returned volume stay float32.
     """
     device = torch.device(device)
     sw = {"roi_size": [256, 256, 32], "overlap": 0.25, "sampling_overlap": 0.5, **(sliding_window or {})}
@@ -210,8 +212,9 @@ def enhance_volume(
     if method == "regression":
         inferer = SlidingWindowInferer(sw["roi_size"], sw_batch_size=1, overlap=sw["overlap"], mode="gaussian",
                                        progress=progress)
-        with torch.no_grad(), torch.autocast("cuda", enabled=device.type == "cuda"):
-            pred = inferer(normalize(condition, params)[None].to(device), networks["regression"].eval())
+        peer = networks["regression"].eval()
+        with torch.no_grad():
+            pred = inferer(normalize(condition, params)[None].to(device), lambda t: run_network(peer, t, device, amp))
         out = denormalize(pred[0].float().cpu(), params)
         if consistency:
             out = data_consistency(out, image.as_tensor()[0].float())
@@ -225,7 +228,7 @@ def enhance_volume(
     fold, image_in, base, start = downsample_factors(ae), padded, None, None
     encoded = networks.get("encode_condition", False)
     if encoded or residual_decoding or strength < 1:
-        with torch.autocast("cuda", enabled=device.type == "cuda"):
+        with autocast(device, amp):
             latent = encode_volume(ae, padded, sw["roi_size"], sw["overlap"], progress=progress).float()
         if residual_decoding:  # D(E(c)), decoded as the samples are, so that the decoder's loss cancels
             base = decode_volume(ae, latent, window, sw["overlap"], progress=progress).float()
@@ -237,7 +240,7 @@ def enhance_volume(
         gen = torch.Generator().manual_seed(int(seed) + k)
         z = sample_latent(denoiser, networks["scheduler"], padded,
                           ae.latent_channels, fold, num_inference_steps, gen, window, sw["sampling_overlap"],
-                          progress=progress, unit=unit, strength=strength, start=start)
+                          progress=progress, unit=unit, strength=strength, start=start, amp=amp)
         decoded = decode_volume(ae, z / networks["scale_factor"], window, sw["overlap"], progress=progress)
         if base is not None:
             decoded = image_in + decoded.float() - base
@@ -308,6 +311,7 @@ def enhance(
     output_dicom: str = "",
     strength: float = 1.0,
     residual_decoding: bool = False,
+    amp: bool = False,
 ) -> dict:
     """Enhance one file or DICOM series into ``output_image`` (NIfTI, atomic), plus ``*_std.nii.gz`` when
     ``num_samples > 1`` and a derived DICOM series in the folder ``output_dicom`` when given (patient and study
@@ -324,7 +328,7 @@ def enhance(
     mean, std, affine, modality = enhance_volume(image, networks, target_spacing, modality, num_inference_steps,
                                                  seed, num_samples, sliding_window, device, method=method,
                                                  consistency=consistency, strength=strength,
-                                                 residual_decoding=residual_decoding)
+                                                 residual_decoding=residual_decoding, amp=amp)
     outputs = {}
     try:
         if output_dicom:
@@ -397,7 +401,8 @@ def enhance_datalist(
 
 def run(input_image: str = "", output_image: str = "", datalist: str = "", output_dir: str = "", **kwargs):
     """The bundle's entry point: one volume (``input_image`` -> ``output_image``) or batch mode (``datalist``)."""
-    for key, option in (("consistency", "data_consistency"), ("residual_decoding", "residual_decoding")):
+    for key, option in (("consistency", "data_consistency"), ("residual_decoding", "residual_decoding"),
+                        ("amp", "amp")):
         if key in kwargs:
             kwargs[key] = flag(kwargs[key], option)
     if datalist:

@@ -42,6 +42,7 @@ from scripts.enhance import enhance_volume, inference_parser, physical_range
 from scripts.evaluate import display_window, evaluate
 from scripts.figures import montage
 from scripts.intensity import denormalize, intensity_params, normalize
+from scripts.options import flag
 from scripts.posterior import estimate_noise, forward_operator, least_squares_consistency, restore
 from scripts.volumes import load_volume, save_volume, spacing_of
 
@@ -76,10 +77,22 @@ def _is_sr(task: str) -> bool:
     return TASKS[task]["operator"]["operator"] == "thick_slice"
 
 
-def load_networks(config_files: Sequence[str], ckpt_dir: str, device: str) -> dict | None:
-    """``networks`` of the main-job configs with weights from ``ckpt_dir``; ``None`` (logged) if any is missing."""
+def fits(task: str, affine: np.ndarray) -> bool:
+    """Whether a volume suits ``task``: a super-resolution task ``<m>_sr_<A>to<B>mm`` takes volumes whose slices
+    are about ``A`` mm (within 30 %), so 5 -> 10 mm runs on 5 mm CT and 3 -> 6 mm on 3.27 mm CT; others take all."""
+    match = re.search(r"_sr_(\d+(?:\.\d+)?)to", task)
+    return match is None or abs(float(spacing_of(affine)[2]) - float(match[1])) <= 0.3 * float(match[1])
+
+
+def load_networks(config_files: Sequence[str], ckpt_dir: str, device: str, only: Sequence[str] | None = None
+                  ) -> dict | None:
+    """``networks`` of the main-job configs with weights from ``ckpt_dir`` (or just the entries ``only``);
+    ``None`` (logged) if any is missing."""
     try:
-        parser = inference_parser(config_files, ckpt_dir=str(Path(ckpt_dir).resolve()), device=device)
+        parser = inference_parser(config_files, load_networks=only is None, ckpt_dir=str(Path(ckpt_dir).resolve()),
+                                  device=device)
+        if only is not None:
+            return {k: parser.get_parsed_content(k) for k in only}
     except RuntimeError as err:  # the config parser wraps the loader's FileNotFoundError
         cause = err
         while cause.__cause__ is not None:
@@ -154,6 +167,7 @@ def run(
     strength: float = 0.5,
     consistency_iters: int = 20,
     posterior_step_size: float = 0.5,
+    amp: bool = True,
 ) -> dict:
     """Run, score and time every method on every validation volume; write ``results.md``/``results.json``.
 
@@ -164,13 +178,16 @@ def run(
     ``configs/inference_posterior.json`` unless given).
     ``consistency_iters`` is posterior sampling's image-space finish (``configs/inference_posterior.json``),
     reported as its own row and applied to the classical start and the autoencoder ceiling as well.
+    ``amp``: the networks under ``scripts.engine``'s autocast, as the main job runs them (``--amp``).
     """
     net_cfgs = list(network_configs)
     tasks = list(tasks or TASKS)
     if crop is not None and any(t.startswith("ct_lowdose") for t in tasks):
         raise ValueError("ct_lowdose_quarter: low-dose noise is made from whole axial slices; run it without crop")
     ours = posterior_nets = regression = None
-    if LATENT_METHODS & set(methods):
+    if LATENT_METHODS & set(methods) == {"autoencoder ceiling"}:  # stage 1 alone: its weights suffice
+        ours = load_networks(["configs/inference.json", *net_cfgs], ckpt_dir, device, ("autoencoder",))
+    elif LATENT_METHODS & set(methods):
         ours = load_networks(["configs/inference.json", *net_cfgs], ckpt_dir, device)
     # posterior sampling: the prior and autoencoder of ``ours`` when loaded; without a ControlNet on their own
     if {"posterior", "posterior from the input"} & set(methods):
@@ -197,7 +214,7 @@ def run(
         affine, x = np.asarray(ref.affine), ref.as_tensor()[0].double()
         if crop is not None:
             x, affine = centre_crop(x, affine, crop)
-        for task in [t for t in tasks if TASKS[t]["modality"] == modality]:
+        for task in [t for t in tasks if TASKS[t]["modality"] == modality and fits(t, affine)]:
             task_dir = out_root / name / task
             y, y_aff = degrade_for_task(task, x, affine, seed)
             save_volume(x, affine, task_dir / "reference.nii.gz")
@@ -216,7 +233,7 @@ def run(
             image = MetaTensor(y.float()[None], affine=torch.as_tensor(y_aff))
             common = {"target_spacing": spacing_of(affine).tolist(), "modality": modality,
                       "num_inference_steps": num_inference_steps, "seed": seed, "sliding_window": sliding_window,
-                      "device": device, "progress": False}
+                      "device": device, "progress": False, "amp": flag(amp, "amp")}
             autoencoder = (ours or posterior_nets or {}).get("autoencoder")
             if "autoencoder ceiling" in methods and autoencoder is not None:
                 ceiling = _timed(lambda: autoencoder_ceiling(x, autoencoder, modality, sliding_window, device), device)

@@ -59,3 +59,12 @@ def test_super_resolution_tasks_degrade_by_the_factor_of_their_operator():
         assert y.shape == (6, 5, 16 // int(factor))
         assert np.isclose(y_aff[2, 2], factor) and np.isclose(y[..., 0].mean(), x[..., :int(factor)].mean())
     assert all(sr_factor(t) is None for t in TASKS if t not in sr)
+
+
+def test_super_resolution_tasks_take_volumes_of_their_slice_thickness():
+    from scripts.results import fits
+
+    ct5, ct3, mr1 = (np.diag([0.6, 0.6, dz, 1.0]) for dz in (5.0, 3.27, 0.9))
+    assert fits("ct_sr_5to10mm", ct5) and not fits("ct_sr_5to10mm", ct3)
+    assert fits("ct_sr_3to6mm", ct3) and not fits("ct_sr_3to6mm", ct5)
+    assert fits("mr_sr_1to4mm", mr1) and fits("ct_lowdose_quarter", ct3) and fits("mr_rician4", mr1)
