@@ -46,7 +46,9 @@ def run_demo(sample: str, output_dir: str, seed: int = 0, ckpt_dir: str = "model
     ref = load_volume(sample)
     affine, x = np.asarray(ref.affine), ref.as_tensor()[0]
     networks = load_networks(network_configs, ckpt_dir, "cpu")
-    regression = load_networks([*network_configs, "configs/inference_regression.json"], ckpt_dir, "cpu")
+    # the regression override right after the main config, so that later size overrides still apply
+    regression = load_networks([network_configs[0], "configs/inference_regression.json", *network_configs[1:]],
+                               ckpt_dir, "cpu")
     report: dict[str, dict] = {}
     lines = [""]
     if networks is None and regression is None:

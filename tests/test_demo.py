@@ -33,3 +33,22 @@ def test_demo_without_weights_says_it_is_the_classical_baseline(crops, tmp_path,
     assert all("ours" not in methods for methods in report.values())
     assert {"trilinear", "bspline"} <= set(report["ct_sr_5to10mm"])
     assert "CLASSICAL BASELINE ONLY" in capsys.readouterr().out
+
+
+def test_demo_runs_the_regression_stage_when_only_its_weights_exist(crops, tmp_path, capsys):
+    import torch
+    from monai.bundle import ConfigParser
+
+    from tests.conftest import ROOT
+
+    ckpt = tmp_path / "models"
+    ckpt.mkdir()
+    tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
+    torch.save(tiny.get_parsed_content("regression_def").state_dict(), ckpt / "regression.pt")
+    out = tmp_path / "demo"
+    report = run_demo(str(crops / "c.nii.gz"), str(out), ckpt_dir=str(ckpt), network_configs=TINY,
+                      sliding_window=WINDOW)
+    printed = capsys.readouterr().out
+    assert all("regression" in methods and "ours" not in methods for methods in report.values())
+    assert "CLASSICAL BASELINE ONLY" not in printed and "regression stage" in printed
+    assert nib.load(out / "ct_sr_5to10mm_regression.nii.gz").shape == nib.load(crops / "c.nii.gz").shape
