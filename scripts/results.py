@@ -201,8 +201,8 @@ def run(
         parser = inference_parser(["configs/inference.json", *net_cfgs], load_networks=False)
         sliding_window = parser.get_parsed_content("sliding_window")
     out_root = Path(output_dir)
-    lines = [f"| volume | task | method | PSNR (dB) | SSIM | MAE | HU-MAE body | seconds ({device}) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| volume | task | method | PSNR (dB) | SSIM | MAE | HU-MAE body | sharpness | seconds ({device}) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     summary: dict = {"device": device, "ckpt_dir": str(ckpt_dir), "network_configs": net_cfgs, "crop": crop,
                      "num_inference_steps": num_inference_steps, "num_samples": num_samples,
                      "posterior_steps": posterior_steps, "strength": strength, "sliding_window": sliding_window,
@@ -302,7 +302,7 @@ def run(
                 hu = f"{r['hu_mae_body']:.1f}" if "hu_mae_body" in r else "-"
                 mae_txt = f"{r['mae']:.1f} HU" if modality == "ct" else f"{r['mae']:.4f}"
                 lines.append(f"| {name} | {task} | {m} | {r['psnr']:.2f} | {r['ssim']:.4f} | {mae_txt} | {hu} | "
-                             f"{seconds[m]:.1f} |")
+                             f"{r.get('sharpness', float('nan')):.2f} | {seconds[m]:.1f} |")
             _task_montage(restored, classical & set(shown), means, x, on_grid, affine, modality,
                           task_dir / f"{task}.png", task)
             summary["cases"][f"{name}/{task}"] = {"metrics": {m: means[m] for m in shown},
