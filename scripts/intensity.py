@@ -51,9 +51,26 @@ def item_modality(data: Mapping[Hashable, torch.Tensor], key: Hashable, default:
     return str(data.get("modality") or (meta_modality if meta_modality in ("CT", "MR") else "") or default).lower()
 
 
+class IntensityParamsd(MapTransform):
+    """Record the normalisation parameters of each key's whole image under ``<key>_intensity``, before a crop:
+    ``NormalizeIntensityd`` then uses them, so an MR crop is scaled by its volume's percentile (a crop of
+    background alone has none of its own)."""
+
+    def __init__(self, keys: KeysCollection, default_modality: str = "ct", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.default_modality = default_modality
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[f"{key}_intensity"] = intensity_params(d[key], item_modality(d, key, self.default_modality))
+        return d
+
+
 class NormalizeIntensityd(MapTransform):
-    """Normalise ``keys`` with the parameters of the first key's image; the modality comes from the item's
-    ``modality`` entry (a datalist field, or DICOM's Modality) or from ``default_modality``."""
+    """Normalise ``keys`` with the parameters of the first key's image (those ``IntensityParamsd`` recorded for
+    it, else its own); the modality comes from the item's ``modality`` entry (a datalist field, or DICOM's
+    Modality) or from ``default_modality``."""
 
     def __init__(self, keys: KeysCollection, default_modality: str = "ct", allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -62,8 +79,8 @@ class NormalizeIntensityd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         keys = list(self.key_iterator(d))
-        first = d[keys[0]]
-        params = intensity_params(first, item_modality(d, keys[0], self.default_modality))
+        params = d.get(f"{keys[0]}_intensity") or intensity_params(
+            d[keys[0]], item_modality(d, keys[0], self.default_modality))
         for key in keys:
             d[key] = normalize(d[key], params)
             d[f"{key}_intensity"] = dict(params)
