@@ -186,7 +186,10 @@ def enhance_volume(
     output affine and the modality used. Values are in the input's units.
 
     ``method='regression'`` runs the supervised peer (``networks['regression']``) with MONAI's sliding window on
-    the same condition instead of the latent ControlNet. ``consistency=True`` ends either method with
+    the same condition instead of the latent ControlNet. With ``method='diffusion'`` and a ``networks['regression']``
+    (``--two_stage true``), the chain is two-stage (DiffBIR-style): the regression network removes the degradation
+    first, and the ControlNet's condition, the SDEdit start and the residual-decoding base are its output
+    (``r + D(z) - D(E(r))``), so that sampling adds what regression averages away. ``consistency=True`` ends either method with
     ``data_consistency`` against the input (super-resolution: the input's slices are box-profile slabs of the
     output grid).
     ``strength < 1`` starts sampling from the noised encoded input (see ``sample_latent``).
@@ -209,21 +212,19 @@ def enhance_volume(
     else:
         condition, affine = resample(image.as_tensor().float(), np.asarray(image.affine), spacing, "trilinear")
     params = intensity_params(image.as_tensor(), modality)
+    x = normalize(condition, params)[None].to(device)
     if method == "regression":
-        inferer = SlidingWindowInferer(sw["roi_size"], sw_batch_size=1, overlap=sw["overlap"], mode="gaussian",
-                                       progress=progress)
-        peer = networks["regression"].eval()
-        with torch.no_grad():
-            pred = inferer(normalize(condition, params)[None].to(device), lambda t: run_network(peer, t, device, amp))
-        out = denormalize(pred[0].float().cpu(), params)
+        out = denormalize(regress(networks["regression"], x, sw, device, amp, progress)[0].cpu(), params)
         if consistency:
             out = data_consistency(out, image.as_tensor()[0].float())
         return physical_range(out, image, modality), None, affine, modality
+    if networks.get("regression") is not None:  # two-stage: the ControlNet restores regression's output
+        x = regress(networks["regression"], x, sw, device, amp, progress)
     ae: AutoencoderKL = networks["autoencoder"].eval()
     denoiser = (networks["denoiser"] if "denoiser" in networks
                 else ControlledDenoiser(networks["diffusion"], networks["controlnet"])).eval()
     unit = unet_divisor(networks["diffusion"]) if "diffusion" in networks else int(networks["latent_multiple"])
-    padded, crop = pad_for(ae, normalize(condition, params)[None].to(device), unit)
+    padded, crop = pad_for(ae, x, unit)
     window = latent_roi(ae, sw["roi_size"])
     fold, image_in, base, start = downsample_factors(ae), padded, None, None
     encoded = networks.get("encode_condition", False)
@@ -251,6 +252,17 @@ def enhance_volume(
     stack = torch.stack(samples)
     std = stack.std(0) if len(samples) > 1 else None
     return stack.mean(0), std, affine, modality
+
+
+@torch.no_grad()
+def regress(peer: torch.nn.Module, x: torch.Tensor, sliding_window: dict, device: torch.device, amp: bool = False,
+            progress: bool = False) -> torch.Tensor:
+    """The regression network over a normalised ``(1, 1, X, Y, Z)`` volume with MONAI's Gaussian-weighted sliding
+    window (``sliding_window``'s ``roi_size`` and ``overlap``); float32 out."""
+    inferer = SlidingWindowInferer(sliding_window["roi_size"], sw_batch_size=1, overlap=sliding_window["overlap"],
+                                   mode="gaussian", progress=progress)
+    peer = peer.eval()
+    return inferer(x, lambda t: run_network(peer, t, device, amp)).float()
 
 
 def physical_range(values: torch.Tensor, image: torch.Tensor, modality: str) -> torch.Tensor:

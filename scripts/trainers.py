@@ -24,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from scripts.autoencoder import downsample_factors
 from scripts.diffusion import ControlledDenoiser, unet_divisor
 from scripts.enhance import sample_latent
-from scripts.engine import autocast, channels_last, cpu_bf16
+from scripts.engine import autocast, channels_last, cpu_bf16, run_network
 from scripts.options import flag
 
 
@@ -198,6 +198,7 @@ class ControlNetTrainer(Trainer):
         train_handlers: Sequence | None = None,
         amp: bool = False,
         non_blocking: bool = False,
+        stage_a: torch.nn.Module | None = None,
     ) -> None:
         amp = flag(amp, "amp") and torch.device(device).type == "cuda"
         super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
@@ -206,13 +207,14 @@ class ControlNetTrainer(Trainer):
         self.diffusion, self.autoencoder = diffusion.eval().requires_grad_(False), autoencoder.eval().requires_grad_(False)
         self.scheduler, self.scale_factor, self.condition_key = scheduler, float(scale_factor), condition_key
         self.encode_condition = encode_condition
+        self.stage_a = stage_a.requires_grad_(False) if stage_a is not None else None
         self.inferer = ControlNetDiffusionInferer(scheduler)
         self.scaler = torch.amp.GradScaler("cuda") if amp else None
 
     def _iteration(self, engine: ControlNetTrainer, batchdata: dict) -> dict:  # type: ignore[override]
         images, noise, timesteps, latents, condition = controlnet_inputs(
             batchdata, engine.state.device, self.autoencoder, self.scheduler, self.scale_factor, self.condition_key,
-            self.amp, encode_condition=self.encode_condition)
+            self.amp, encode_condition=self.encode_condition, stage_a=self.stage_a)
         self.controlnet.train()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", enabled=self.amp):
@@ -234,11 +236,14 @@ class ControlNetTrainer(Trainer):
 def controlnet_inputs(batchdata: dict, device: torch.device, autoencoder: torch.nn.Module, scheduler: Scheduler,
                       scale_factor: float, condition_key: str = "condition", amp: bool = False,
                       generator: torch.Generator | None = None, timestep: int | None = None,
-                      encode_condition: bool = False) -> tuple:
+                      encode_condition: bool = False, stage_a: torch.nn.Module | None = None) -> tuple:
     """Clean images, noise, timesteps, scaled latents and condition for one ControlNet step; with ``generator``
-    and ``timestep`` the draw is fixed (validation)."""
+    and ``timestep`` the draw is fixed (validation). With ``stage_a`` (the frozen regression network, two-stage
+    training) the condition is its output on the degraded patch: pairs of (regression output, reference)."""
     images = batchdata["image"].to(device)
     condition = batchdata[condition_key].to(device)
+    if stage_a is not None:
+        condition = run_network(stage_a.eval(), condition, device, True)
     with torch.autocast("cuda", enabled=amp):
         latents = autoencoder.encode(images)[0].float() * scale_factor
         if encode_condition:
@@ -262,21 +267,22 @@ class ControlNetEvaluator(Evaluator):
                  diffusion: torch.nn.Module, autoencoder: torch.nn.Module, scheduler: Scheduler, scale_factor: float,
                  key_val_metric: dict | None = None, additional_metrics: dict | None = None,
                  val_handlers: Sequence | None = None, condition_key: str = "condition",
-                 encode_condition: bool = False, timestep: int | None = None, seed: int = 0) -> None:
+                 encode_condition: bool = False, timestep: int | None = None, seed: int = 0,
+                 stage_a: torch.nn.Module | None = None) -> None:
         super().__init__(device=device, val_data_loader=val_data_loader, key_val_metric=key_val_metric,
                          additional_metrics=additional_metrics, metric_cmp_fn=lambda current, best: current < best,
                          val_handlers=val_handlers)
         self.controlnet, self.diffusion, self.autoencoder = controlnet, diffusion, autoencoder
         self.scheduler, self.scale_factor, self.condition_key = scheduler, float(scale_factor), condition_key
         self.timestep = scheduler.num_train_timesteps // 2 if timestep is None else timestep
-        self.seed, self.encode_condition = seed, encode_condition
+        self.seed, self.encode_condition, self.stage_a = seed, encode_condition, stage_a
         self.inferer = ControlNetDiffusionInferer(scheduler)
 
     def _iteration(self, engine: ControlNetEvaluator, batchdata: dict) -> dict:  # type: ignore[override]
         gen = torch.Generator().manual_seed(self.seed + engine.state.iteration)
         images, noise, timesteps, latents, condition = controlnet_inputs(
             batchdata, engine.state.device, self.autoencoder, self.scheduler, self.scale_factor, self.condition_key,
-            generator=gen, timestep=self.timestep, encode_condition=self.encode_condition)
+            generator=gen, timestep=self.timestep, encode_condition=self.encode_condition, stage_a=self.stage_a)
         self.controlnet.eval()
         with torch.no_grad():
             pred = self.inferer(latents, self.diffusion, self.controlnet, noise, timesteps, cn_cond=condition)
@@ -296,8 +302,9 @@ class RestorationSampleHandler:
 
     def __init__(self, controlnet: torch.nn.Module, diffusion: torch.nn.Module, autoencoder: torch.nn.Module,
                  scheduler: Scheduler, scale_factor: float, log_dir: str, encode_condition: bool = False,
-                 num_inference_steps: int = 20, condition_key: str = "condition", seed: int = 0) -> None:
-        self.denoiser = ControlledDenoiser(diffusion, controlnet)
+                 num_inference_steps: int = 20, condition_key: str = "condition", seed: int = 0,
+                 stage_a: torch.nn.Module | None = None) -> None:
+        self.denoiser, self.stage_a = ControlledDenoiser(diffusion, controlnet), stage_a
         self.autoencoder, self.scheduler, self.scale_factor = autoencoder, scheduler, float(scale_factor)
         self.encode_condition, self.num_inference_steps = encode_condition, num_inference_steps
         self.condition_key, self.seed, self.log_dir = condition_key, seed, log_dir
@@ -312,6 +319,8 @@ class RestorationSampleHandler:
         item = batch[-1] if isinstance(batch, list) else {k: v[-1] for k, v in batch.items()}
         device = engine.state.device
         target, condition = item["image"][None].to(device), item[self.condition_key][None].to(device)
+        if self.stage_a is not None:
+            condition = run_network(self.stage_a.eval(), condition, device, True)
         fold = downsample_factors(self.autoencoder)
         if self.encode_condition:
             condition_in, fold = self.autoencoder.encode(condition)[0] * self.scale_factor, (1, 1, 1)
