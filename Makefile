@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench study study-mr study-autoencoder release-data device-kit clean
+.PHONY: install demo test bench study study-mr study-autoencoder release-data release-regression release-results device-kit clean
 
 install: $(STAMP)
 
@@ -82,12 +82,30 @@ release-data: $(STAMP)
 	$(PY) -m scripts.lowdose_cache $(R)/datalist.json $(R)/lowdose --doses "[0.1,0.25,0.5]" --realizations 1 \
 	    > $(R)/logs/lowdose_cache.log 2>&1
 
+# The release regression stage (models/regression.pt): 16-channel residual BasicUNet, bfloat16 on the CPU, 150
+# iterations of one volume's 2 crops per epoch, cosine schedule over 14 epochs, validation every epoch, stopped by
+# REG_SECONDS (resumable: run again to go on; the best model by validation L1 is $(R)/models/regression.pt).
+REG_SECONDS := 4500
+release-regression: $(STAMP)
+	mkdir -p $(R)/logs
+	$(RUN) training --config_file configs/train_regression.json --datalist $(R)/lowdose/datalist.json \
+	    --ckpt_dir $(R)/models --output_dir $(R)/regression --batch_size 1 --max_epochs 14 --epoch_length 150 \
+	    --val_interval 1 --lr 0.001 --max_seconds $(REG_SECONDS) --patience 5 --resume auto \
+	    >> $(R)/logs/regression.log 2>&1
+
+# The results table of the release on the validation volumes (classical baselines and the regression stage).
+release-results: $(STAMP)
+	$(RUN) --config_file configs/results.json --datalist $(R)/datalist.json --ckpt_dir $(R)/models \
+	    --output_dir $(R)/results --methods "['classical','regression']" \
+	    --tasks "['ct_sr_5to10mm','ct_sr_3to6mm','ct_lowdose_quarter','ct_blur_gaussian_1mm','mr_sr_1to4mm', \
+	    'mr_kspace2','mr_rician4']" > $(R)/logs/results.log 2>&1
+
 # 2.5D against 3D autoencoder at equal CPU time (AE_SECONDS each, same widths 16/32/64, same patches), both on the
 # release training volumes; then the autoencoder ceiling (plain, residual decoding, data consistency) on the
 # release validation volumes: CT 5 -> 10 mm (lung1), 3 -> 6 mm (IBSI), MR 1 -> 4 mm (child brain MPRAGE).
 A := outputs/study_autoencoder
 AE_SECONDS := 900
-AE_TRAIN := --max_epochs 1000 --epoch_length 20 --val_interval 5 --lr 0.0005 --batch_size 1 \
+AE_TRAIN := --max_epochs 1000 --epoch_length 20 --val_interval 2 --lr 0.0005 --batch_size 1 \
 	--patch_size "[96,96,32]" --max_seconds $(AE_SECONDS) --adv_weight 0
 study-autoencoder: $(STAMP)
 	mkdir -p $(A)/logs
