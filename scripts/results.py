@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from scripts.baseline_report import degrade_for_task, restore_all, tuned_best
+from scripts.baseline_report import degrade_for_task, restore_all, sr_factor, tuned_best
 from scripts.baselines import resample
 from scripts.datalist import read_datalist
 from scripts.autoencoder import reconstruct_volume
@@ -75,6 +75,13 @@ LATENT_METHODS = {"autoencoder ceiling", "ours", "ours + data consistency", "our
 
 def _is_sr(task: str) -> bool:
     return TASKS[task]["operator"]["operator"] == "thick_slice"
+
+
+def usable_slices(task: str, n: int) -> int:
+    """The reference's slices that a super-resolution task uses: a whole number of thick slices (53 thin slices
+    make 26 thick ones at factor 2, which cover 52: the last is left out of reference and scores); all others."""
+    factor = sr_factor(task)
+    return n if factor is None or not float(factor).is_integer() else n - n % int(factor)
 
 
 def fits(task: str, affine: np.ndarray) -> bool:
@@ -214,8 +221,10 @@ def run(
         affine, x = np.asarray(ref.affine), ref.as_tensor()[0].double()
         if crop is not None:
             x, affine = centre_crop(x, affine, crop)
+        whole = x
         for task in [t for t in tasks if TASKS[t]["modality"] == modality and fits(t, affine)]:
             task_dir = out_root / name / task
+            x = whole[..., :usable_slices(task, whole.shape[-1])]
             y, y_aff = degrade_for_task(task, x, affine, seed)
             save_volume(x, affine, task_dir / "reference.nii.gz")
             save_volume(y, y_aff, task_dir / "degraded.nii.gz")

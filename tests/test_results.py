@@ -68,3 +68,10 @@ def test_super_resolution_tasks_take_volumes_of_their_slice_thickness():
     assert fits("ct_sr_5to10mm", ct5) and not fits("ct_sr_5to10mm", ct3)
     assert fits("ct_sr_3to6mm", ct3) and not fits("ct_sr_3to6mm", ct5)
     assert fits("mr_sr_1to4mm", mr1) and fits("ct_lowdose_quarter", ct3) and fits("mr_rician4", mr1)
+
+
+def test_super_resolution_references_hold_whole_thick_slices():
+    from scripts.results import usable_slices
+
+    assert usable_slices("ct_sr_3to6mm", 53) == 52 and usable_slices("mr_sr_1to4mm", 190) == 188
+    assert usable_slices("ct_sr_5to10mm", 48) == 48 and usable_slices("ct_lowdose_quarter", 53) == 53
