@@ -11,9 +11,11 @@ from scripts.intensity import denormalize, intensity_params, normalize
 from scripts.volumes import load_volume
 from tests.conftest import ROOT, SAMPLE
 
-# bfloat16 keeps 8 bits of mantissa: the residual peer's correction (tens of HU) carries errors of about 1 %
-# of itself, and the input it adds to passes in float32. Stated tolerance for the main job's output:
-BF16_MEAN_HU, BF16_MAX_HU = 1.0, 25.0
+# bfloat16 keeps 8 bits of mantissa: the residual peer's correction carries errors of about 1 % of itself, and
+# the input it adds to passes in float32. Stated tolerance for the main job's output (docs/README.md, CPU engine):
+# mean absolute difference to float32 under 1 HU, 99th percentile under 15 HU (the largest, at a few
+# high-contrast voxels, was 92 HU on the demo sample with the 0.12.0 weights).
+BF16_MEAN_HU, BF16_P99_HU = 1.0, 15.0
 
 
 def test_options():
@@ -52,7 +54,7 @@ def _peer() -> torch.nn.Module:
 @pytest.mark.skipif(not SAMPLE.is_file(), reason="the demo sample is not in the repository")
 def test_bf16_inference_matches_float32_in_hu_on_a_real_crop():
     img = load_volume(SAMPLE)
-    hu = img.as_tensor()[None, :, :96, :96, :16].float()
+    hu = img.as_tensor()[None].float()
     params = intensity_params(hu, "ct")
     x = normalize(hu, params)
     peer = _peer()
@@ -62,4 +64,5 @@ def test_bf16_inference_matches_float32_in_hu_on_a_real_crop():
     assert fast.dtype == torch.float32
     err = (fast - ref).abs()
     assert float((ref - hu).abs().mean()) > 1.0  # the network does change the input
-    assert float(err.mean()) < BF16_MEAN_HU and float(err.max()) < BF16_MAX_HU, (float(err.mean()), float(err.max()))
+    p99 = float(err.flatten().kthvalue(int(0.99 * err.numel())).values)
+    assert float(err.mean()) < BF16_MEAN_HU and p99 < BF16_P99_HU, (float(err.mean()), p99)
