@@ -255,7 +255,9 @@ def load_autoencoder_weights(autoencoder: AutoencoderKL, path: str | Path, map_l
     """Load weights saved by this bundle (a state dict, or a checkpoint holding ``autoencoder``) or by the old
     MONAI Generative ``AutoencoderKL`` (renamed attention and upsampling layers), with ``weights_only=True``."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no autoencoder weights (train stage 1, or point ckpt_dir at them)")
+        raise FileNotFoundError(f"{path}: no autoencoder weights (train stage 1, or point ckpt_dir at them; the "
+                                "bundle ships only the regression stage so far: add configs/inference_regression.json "
+                                "to the config list)")
     state = torch.load(path, map_location=map_location, weights_only=True)
     if "autoencoder" in state and isinstance(state["autoencoder"], dict):
         state = state["autoencoder"]
