@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench study study-mr study-autoencoder release-data release-regression release-results device-kit clean
+.PHONY: install demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-results device-kit clean
 
 install: $(STAMP)
 
@@ -117,11 +117,16 @@ study-autoencoder: $(STAMP)
 	$(RUN) training --config_file "['configs/train_autoencoder.json','configs/small.json','configs/slice_autoencoder.json']" \
 	    --datalist $(A)/datalist_train.json --ckpt_dir $(A)/slice --output_dir $(A)/slice_tb $(AE_TRAIN) \
 	    > $(A)/logs/slice.log 2>&1
+	$(MAKE) study-autoencoder-ceilings
+
+# The ceilings alone (the centre 192x192 of each validation slice, every slice), after study-autoencoder's training.
+study-autoencoder-ceilings: $(STAMP)
 	for v in 3d slice; do cfg=$$( [ $$v = slice ] && echo "'configs/small.json','configs/slice_autoencoder.json'" \
 	    || echo "'configs/small.json'" ); \
 	  $(RUN) --config_file configs/results.json --datalist $(A)/datalist.json --ckpt_dir $(A)/$$v \
 	    --network_configs "[$$cfg]" --output_dir $(A)/results_$$v --methods "['classical','autoencoder ceiling']" \
-	    --tasks "['ct_sr_5to10mm','ct_sr_3to6mm','mr_sr_1to4mm']" > $(A)/logs/results_$$v.log 2>&1; done
+	    --tasks "['ct_sr_5to10mm','ct_sr_3to6mm','mr_sr_1to4mm']" --crop "[192,192,-1]" \
+	    > $(A)/logs/results_$$v.log 2>&1 || exit 1; done
 
 # For training on the development GPU machine (the library's device tool; its Python 3.12 has torch but not these):
 # the missing wheels in .whl/ and the development region split in .data/regions/, both git-ignored, about 28 MB
