@@ -32,6 +32,17 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
+def identity_start(network: torch.nn.Module) -> torch.nn.Module:
+    """Zero the last convolution of a residual network (``SkipConnection`` around a UNet), so that it starts as
+    the identity: training begins at the interpolated input's loss instead of first unlearning a random residual
+    (in the 0.12.0 release run the randomly initialised peer spent its first epochs getting back to the input)."""
+    last = [m for m in network.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))][-1]
+    torch.nn.init.zeros_(last.weight)
+    if last.bias is not None:
+        torch.nn.init.zeros_(last.bias)
+    return network
+
+
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     """KL divergence of N(mu, sigma^2) from N(0, 1), summed over latent voxels, averaged over the batch."""
     kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-8) - 1)

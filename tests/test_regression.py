@@ -92,3 +92,13 @@ def test_training_can_start_from_earlier_weights(crops, tmp_path):
                   init_weights=str(tmp_path / "start.pt"))
     trained = parser.get_parsed_content("regression").state_dict()
     assert all(torch.equal(trained[k].cpu(), v) for k, v in start.items())
+
+
+def test_the_training_config_starts_the_peer_as_the_identity(crops, tmp_path):
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "train_regression.json"), str(ROOT / "configs" / "tiny.json")])
+    parser.update({"bundle_root": str(ROOT), "datalist": str(crops / "datalist.json")})
+    peer = parser.get_parsed_content("regression").eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(peer(x), x)
