@@ -99,7 +99,8 @@ def _starts(size: int, roi: int, step: int) -> list[int]:
     return starts
 
 
-def _per_axis(value: float | Sequence[float], cast: type = float) -> list:
+def per_axis(value: float | Sequence[float], cast: type = float) -> list:
+    """``value`` for each of the three spatial axes: a sequence as it is, a number repeated."""
     return [cast(v) for v in value] if isinstance(value, Sequence) else [cast(value)] * 3
 
 
@@ -124,8 +125,8 @@ def tiled_apply(
     when enabled (posterior sampling wraps ``fn`` in activation checkpointing to keep that bound).
     """
     size = x.shape[2:]
-    scale, units = _per_axis(scale), _per_axis(unit, int)
-    halos = [-(-h // u) * u for h, u in zip(_per_axis(halo, int), units)]  # rounded up to whole units
+    scale, units = per_axis(scale), per_axis(unit, int)
+    halos = [-(-h // u) * u for h, u in zip(per_axis(halo, int), units)]  # rounded up to whole units
     roi = [min(int(r), int(s)) // u * u or int(s) for r, s, u in zip(roi_size, size, units)]
     steps = [max(u, int(r * (1 - overlap)) // u * u) for r, u in zip(roi, units)]
     grid = list(itertools.product(*[_starts(int(s), r, st) for s, r, st in zip(size, roi, steps)]))

@@ -26,7 +26,15 @@ from monai.networks.nets import AutoencoderKL
 from monai.networks.schedulers import Scheduler
 from tqdm import tqdm
 
-from scripts.autoencoder import decode_volume, downsample_factors, encode_volume, latent_roi, pad_for, tiled_apply
+from scripts.autoencoder import (
+    decode_volume,
+    downsample_factors,
+    encode_volume,
+    latent_roi,
+    pad_for,
+    per_axis,
+    tiled_apply,
+)
 from scripts.baselines import resample
 from scripts.diffusion import ControlledDenoiser, unet_divisor
 from scripts.dicom import new_template, series_template, write_series
@@ -60,21 +68,17 @@ def inference_parser(config_files: Sequence[str], load_networks: bool = True, **
     return parser
 
 
-def _factors(f: int | Sequence[int]) -> list[int]:
-    return [int(v) for v in f] if isinstance(f, Sequence) else [int(f)] * 3
-
-
 def space_to_depth(x: torch.Tensor, f: int | Sequence[int]) -> torch.Tensor:
     """``(B, C, fX, fY, fZ)`` -> ``(B, C*fx*fy*fz, X, Y, Z)``: image-resolution data on the latent grid (``f`` per
     axis or for all)."""
-    (fx, fy, fz), (b, c, *s) = _factors(f), x.shape
+    (fx, fy, fz), (b, c, *s) = per_axis(f, int), x.shape
     x = x.reshape(b, c, s[0] // fx, fx, s[1] // fy, fy, s[2] // fz, fz)
     return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * fx * fy * fz, s[0] // fx, s[1] // fy, s[2] // fz)
 
 
 def depth_to_space(x: torch.Tensor, f: int | Sequence[int]) -> torch.Tensor:
     """Inverse of ``space_to_depth``."""
-    (fx, fy, fz), (b, c, *s) = _factors(f), x.shape
+    (fx, fy, fz), (b, c, *s) = per_axis(f, int), x.shape
     c0 = c // (fx * fy * fz)
     x = x.reshape(b, c0, fx, fy, fz, *s).permute(0, 1, 5, 2, 6, 3, 7, 4)
     return x.reshape(b, c0, s[0] * fx, s[1] * fy, s[2] * fz)
@@ -136,7 +140,7 @@ def sample_latent(
     cond = space_to_depth(condition, fold)
     z = torch.randn((1, latent_channels, *cond.shape[2:]), generator=generator).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    if 0 < strength < 1 and start is None and (_factors(fold) != [1, 1, 1] or cond.shape[1] != latent_channels):
+    if 0 < strength < 1 and start is None and (per_axis(fold, int) != [1, 1, 1] or cond.shape[1] != latent_channels):
         raise ValueError("strength < 1 starts from the encoded input: give it as start, or use encode_condition")
     timesteps, z = start_steps(scheduler, z, cond if start is None else start.to(device), strength)
 
@@ -189,9 +193,9 @@ def enhance_volume(
     the same condition instead of the latent ControlNet. With ``method='diffusion'`` and a ``networks['regression']``
     (``--two_stage true``), the chain is two-stage (DiffBIR-style): the regression network removes the degradation
     first, and the ControlNet's condition, the SDEdit start and the residual-decoding base are its output
-    (``r + D(z) - D(E(r))``), so that sampling adds what regression averages away. ``consistency=True`` ends either method with
-    ``data_consistency`` against the input (super-resolution: the input's slices are box-profile slabs of the
-    output grid).
+    (``r + D(z) - D(E(r))``), so that sampling adds what regression averages away. ``consistency=True`` ends
+    either method with ``data_consistency`` against the input (super-resolution: the input's slices are
+    box-profile slabs of the output grid).
     ``strength < 1`` starts sampling from the noised encoded input (see ``sample_latent``).
     ``residual_decoding=True`` returns ``c + D(z) - D(E(c))`` for the input ``c`` on the output grid instead of
     ``D(z)``: the sample changes the input by what it changes in the latent, and detail the autoencoder cannot

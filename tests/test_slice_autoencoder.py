@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -23,6 +21,7 @@ from scripts.autoencoder import (
     reconstruct_volume,
 )
 from tests.conftest import ROOT
+from tests.test_inference import bundle
 
 TINY = {"in_channels": 1, "out_channels": 1, "channels": [8, 16], "latent_channels": 2, "num_res_blocks": [1, 1],
         "attention_levels": [False, False], "norm_num_groups": 4, "with_encoder_nonlocal_attn": False,
@@ -92,15 +91,11 @@ def test_main_job_with_a_slice_autoencoder_keeps_grid_and_units(tmp_path):
     affine[:3, 3] = [-12.0, 7.0, 30.0]
     src = tmp_path / "in.nii.gz"
     nib.save(nib.Nifti1Image(vol.astype(np.int16), affine), src)
-    configs = "['configs/inference.json','configs/tiny.json']"
     for spacing, shape in ((None, (40, 36, 10)), ("[0.9,0.9,1.0]", (40, 36, 20))):
         out = tmp_path / f"out_{shape[2]}.nii.gz"
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--input_image", str(src),
-               "--output_image", str(out), "--ckpt_dir", str(ckpt), "--device", "cpu", "--num_inference_steps", "2",
-               "--autoencoder_def#_target_", "scripts.autoencoder.SliceAutoencoderKL"]
-        if spacing:
-            cmd += ["--target_spacing", spacing]
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        res = bundle("--input_image", str(src), "--output_image", str(out), "--ckpt_dir", str(ckpt), "--device", "cpu",
+                     "--num_inference_steps", "2", "--autoencoder_def#_target_",
+                     "scripts.autoencoder.SliceAutoencoderKL", *(["--target_spacing", spacing] if spacing else []))
         assert res.returncode == 0, res.stderr[-3000:]
         img = nib.load(out)
         assert img.shape == shape

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -17,6 +15,7 @@ from monai.data import MetaTensor
 from scripts.enhance import enhance_volume
 from scripts.trainers import controlnet_inputs
 from tests.conftest import ROOT
+from tests.test_inference import bundle
 
 
 def _with_regression(weights, tmp_path):
@@ -35,13 +34,9 @@ def test_two_stage_main_job_keeps_the_contract(crops, weights, tmp_path):
     ref = nib.load(src)
     for spacing, shape in ((None, ref.shape), ("[1.1406,1.1406,2.5]", (64, 64, 32))):
         out = tmp_path / f"two_stage_{shape[2]}.nii.gz"
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-               "['configs/inference.json','configs/tiny.json']", "--input_image", str(src), "--output_image",
-               str(out), "--ckpt_dir", str(ckpt), "--device", "cpu", "--num_inference_steps", "2",
-               "--two_stage", "true"]
-        if spacing:
-            cmd += ["--target_spacing", spacing]
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        res = bundle("--input_image", str(src), "--output_image", str(out), "--ckpt_dir", str(ckpt), "--device", "cpu",
+                     "--num_inference_steps", "2", "--two_stage", "true",
+                     *(["--target_spacing", spacing] if spacing else []))
         assert res.returncode == 0, res.stderr[-3000:]
         img = nib.load(out)
         assert img.shape == shape and img.get_data_dtype() == np.int16
