@@ -296,6 +296,46 @@ def engine_bench(repeats: int = 2, config_files: Sequence[str] = ("configs/commo
         print(f"{name:<12} {str(tuple(shape)):<22} {secs[0]:10.2f} {secs[1]:10.2f} {secs[0] / secs[1]:6.2f}")
 
 
+def precision_check(datalist: str = "outputs/release/lowdose/datalist.json", iterations: int = 100, seed: int = 0
+                    ) -> None:
+    """``python -m scripts.bench precision``: does bfloat16 hold back the regression peer's learning? The peer of
+    ``configs/common.json``, started as the identity (``identity_start``), trained ``iterations`` steps (batches of
+    2) on 32 fixed training pairs of 96x96x32 from ``datalist`` (the release pairs), in bfloat16 + channels-last and
+    in float32 from the same initialisation; validation L1 on 8 other pairs against the identity's."""
+    import copy
+
+    from monai.bundle import ConfigParser
+
+    from scripts.datalist import read_datalist
+    from scripts.engine import prepare_network, run_network
+    from scripts.trainers import identity_start
+
+    torch.manual_seed(seed)
+    parser = ConfigParser()
+    parser.read_config(["configs/train_regression.json"])
+    parser.update({"datalist": datalist, "patch_size": [96, 96, 32]})
+    pairs_of = parser.get_parsed_content("train#preprocessing")
+    pairs_of.set_random_state(seed)
+    pairs = [p for item in read_datalist(datalist, "training")[:20] for p in pairs_of(dict(item))]
+    x, y = torch.stack([p["condition"] for p in pairs]), torch.stack([p["image"] for p in pairs])
+    print(f"identity: validation L1 {(x[32:40] - y[32:40]).abs().mean():.4f}")
+    start = identity_start(parser.get_parsed_content("regression_def"))
+    for amp in (True, False):
+        net = prepare_network(copy.deepcopy(start), "cpu", amp)
+        opt = torch.optim.AdamW(net.parameters(), 1e-3)
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            idx = torch.randint(0, 32, (2,))
+            loss = (run_network(net, x[idx], "cpu", amp) - y[idx]).abs().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            val = (run_network(net, x[32:40], "cpu", False) - y[32:40]).abs().mean()
+        print(f"{'bfloat16' if amp else 'float32':<9} {iterations} iterations in {time.perf_counter() - t0:.0f} s: "
+              f"validation L1 {val:.4f}")
+
+
 def demo_bench(steps: int = 10) -> None:
     """``python -m scripts.bench demo``: wall time of the demo with ours included, as a user's ``make demo`` would
     run it once ``models/`` holds trained weights: random weights of ``configs/common.json``'s networks in a
@@ -342,4 +382,5 @@ if __name__ == "__main__":
     import fire
 
     fire.Fire({"all": main, "seams": seams, "enhance": enhance_bench, "posterior": posterior_bench,
-               "demo": demo_bench, "sizes": sizes, "engine": engine_bench})
+               "demo": demo_bench, "sizes": sizes, "engine": engine_bench,
+               "precision": precision_check})
