@@ -20,6 +20,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
 
 from scripts.options import flag
+from scripts.errors import InputError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class ResumeHandler:
             logger.info("%s: no %s checkpoint, starting afresh", self.ckpt_dir, self.prefix)
             return
         if path is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{self.ckpt_dir}: resume requested but no {self.prefix}_checkpoint_epoch=*.pt found")
         logger.info("resuming from %s", path)
         saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # the keys; tensors stay on disk
@@ -102,7 +103,7 @@ class WarmStart:
                  loader: Callable[..., torch.nn.Module] | None = None,
                  map_location: str | torch.device | None = None) -> None:
         if path and not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no weights to start from (--init_weights)")
+            raise MissingFileError(f"{path}: no weights to start from (--init_weights)")
         self.path, self.networks = path, list(networks)
         self.loader, self.map_location = loader or load_weights, map_location or "cpu"
 
@@ -160,7 +161,7 @@ class ValidationRecord:
     def __init__(self, evaluator: Engine, saver: CheckpointSaver | None = None, patience: int | None = None) -> None:
         self.patience = int(patience or 0)
         if self.patience < 0:
-            raise ValueError(f"patience must be a number of validations >= 0, or None; got {patience}")
+            raise InputError(f"patience must be a number of validations >= 0, or None; got {patience}")
         self.evaluator, self.saver, self.stale = evaluator, saver, 0
 
     def attach(self, trainer: Engine) -> None:
@@ -205,7 +206,7 @@ class TimeBudget:
     def __init__(self, max_seconds: float | None) -> None:
         self.max_seconds = float(max_seconds or 0)
         if not self.max_seconds >= 0:
-            raise ValueError(f"max_seconds must be a number of seconds >= 0, or None for no limit; got {max_seconds}")
+            raise InputError(f"max_seconds must be a number of seconds >= 0, or None for no limit; got {max_seconds}")
         self.start = self.last = self.longest = 0.0
 
     def attach(self, engine: Engine) -> None:
@@ -235,6 +236,6 @@ def load_weights(network: torch.nn.Module, path: str | Path, map_location: str |
                  ) -> torch.nn.Module:
     """Load a state dict saved by this bundle (``weights_only=True``), with an error naming a missing file."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no weights (train the stage that makes them, or point ckpt_dir at them)")
+        raise MissingFileError(f"{path}: no weights (train the stage that makes them, or point ckpt_dir at them)")
     network.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
     return network

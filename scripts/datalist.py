@@ -27,6 +27,7 @@ from monai.data import load_decathlon_datalist
 
 from scripts.metrics import MR_MASK_FRACTION, body_mask, mr_scale
 from scripts.volumes import load_volume, save_volume, spacing_of
+from scripts.errors import InputError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,11 @@ def find_images(images_dir: str | Path) -> list[Path]:
     """Image files directly in ``images_dir`` and DICOM series folders below it."""
     root = Path(images_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a directory")
+        raise MissingFileError(f"{root}: not a directory")
     found = [p for p in sorted(root.iterdir()) if p.is_file() and p.name.endswith(IMAGE_SUFFIXES)]
     found += [p for p in sorted(root.iterdir()) if p.is_dir() and any(f.suffix == ".dcm" for f in p.rglob("*"))]
     if not found:
-        raise FileNotFoundError(f"{root}: no images (NIfTI, NRRD, MHA or DICOM folders)")
+        raise MissingFileError(f"{root}: no images (NIfTI, NRRD, MHA or DICOM folders)")
     return found
 
 
@@ -55,7 +56,7 @@ def patient_of(image: Path, patient_pattern: str | None = None) -> str:
     if patient_pattern:
         m = re.search(patient_pattern, image.name)
         if not m:
-            raise ValueError(f"{image}: file name does not match patient_pattern {patient_pattern!r}")
+            raise InputError(f"{image}: file name does not match patient_pattern {patient_pattern!r}")
         return m.group("patient") if "patient" in m.re.groupindex else m.group(1 if m.re.groups else 0)
     if image.is_dir():
         import pydicom
@@ -88,7 +89,7 @@ def make_datalist(
     n_test = int(round(test_fraction * len(patients)))
     n_val = int(round(val_fraction * len(patients)))
     if len(patients) - n_test - n_val < 1:
-        raise ValueError(f"{len(patients)} patients are too few for val_fraction={val_fraction}, "
+        raise InputError(f"{len(patients)} patients are too few for val_fraction={val_fraction}, "
                          f"test_fraction={test_fraction}")
 
     def entries(group: list[str], with_fold: bool) -> list[dict]:
@@ -144,7 +145,7 @@ def split_regions(
         n_gap = int(np.ceil(gap_mm / dz))
         n_train = n - n_val - n_gap
         if n_train < 1:
-            raise ValueError(f"{name}: {n} slices of {dz} mm are too few for val_fraction={val_fraction}, "
+            raise InputError(f"{name}: {n} slices of {dz} mm are too few for val_fraction={val_fraction}, "
                              f"gap_mm={gap_mm}")
         stem = name.split(".")[0]
         for key, start, stop in (("training", 0, n_train), ("validation", n - n_val, n)):
@@ -174,7 +175,7 @@ def split_release(data_dir: str, output: str, validation: Sequence[str] = RELEAS
     names = [p.name for p in find_images(root)]
     missing = sorted(set(validation) - set(names))
     if missing:
-        raise FileNotFoundError(f"{root}: validation volumes not found: {missing}")
+        raise MissingFileError(f"{root}: validation volumes not found: {missing}")
     datalist: dict = {"name": "release", "dataroot": str(root), "training": [], "validation": []}
     for name in names:
         key = "validation" if name in validation else "training"
@@ -196,11 +197,11 @@ def read_datalist(
     datalist copied with its data to another machine) falls back to that folder, with a warning."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: datalist not found")
+        raise MissingFileError(f"{p}: datalist not found")
     with open(p) as f:
         raw = json.load(f)
     if not raw.get(key):
-        raise ValueError(f"{p}: the '{key}' list is missing or empty")
+        raise InputError(f"{p}: the '{key}' list is missing or empty")
     base = base_dir or raw.get("dataroot") or str(p.parent)
     if not base_dir and raw.get("dataroot"):
         base = str(p.parent / base)  # an absolute dataroot stays as it is
@@ -211,11 +212,11 @@ def read_datalist(
     for item in items:
         for k in path_keys:
             if k not in item:
-                raise ValueError(f"{p}: an entry of '{key}' has no '{k}': {item}")
+                raise InputError(f"{p}: an entry of '{key}' has no '{k}': {item}")
             if not Path(item[k]).is_absolute():
                 item[k] = str(Path(base) / item[k])
             if not Path(item[k]).exists():
-                raise FileNotFoundError(f"{p}: {k} {item[k]} listed in '{key}' does not exist")
+                raise MissingFileError(f"{p}: {k} {item[k]} listed in '{key}' does not exist")
     return items
 
 

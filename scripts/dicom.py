@@ -26,6 +26,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from scripts.volumes import VolumeError, check_volume, load_volume, save_volume
+from scripts.errors import OutputExistsError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SPACING_TOLERANCE = 0.01  # relative deviation of a slice gap from the median gap
@@ -216,7 +217,7 @@ def write_series(
     vol = vol.reshape(vol.shape[-3:])
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: the DICOM output folder exists and is not empty")
+        raise OutputExistsError(f"{out_dir}: the DICOM output folder exists and is not empty")
     lps = np.linalg.inv(LPS_TO_RAS) @ np.asarray(affine, dtype=np.float64)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     dirs = lps[:3, :3] / spacing

@@ -43,6 +43,7 @@ from scripts.intensity import denormalize, intensity_params, normalize
 from scripts.engine import autocast, run_network
 from scripts.options import flag
 from scripts.volumes import load_volume, save_volume, spacing_of
+from scripts.errors import InputError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def resolve_modality(image: torch.Tensor, modality: str | None) -> str:
     """``ct`` or ``mr``: as asked, else from the DICOM header, else CT."""
     modality = (modality or str(getattr(image, "meta", {}).get("modality", "")).lower() or "ct").lower()
     if modality not in ("ct", "mr"):
-        raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
+        raise InputError(f"--modality: must be 'ct' or 'mr', got {modality!r}")
     return modality
 
 
@@ -99,7 +100,7 @@ def target_spacing_of(image: torch.Tensor, target_spacing: Sequence[float] | Non
     values = json.loads(target_spacing) if isinstance(target_spacing, str) else target_spacing
     values = [float(v) for v in values]
     if len(values) != 3 or not all(np.isfinite(values)) or min(values) <= 0:
-        raise ValueError(f"target_spacing must be three positive numbers in mm, got {target_spacing}")
+        raise InputError(f"--target_spacing: must be three positive numbers in mm, got {target_spacing}")
     return values
 
 
@@ -141,7 +142,7 @@ def sample_latent(
     z = torch.randn((1, latent_channels, *cond.shape[2:]), generator=generator).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
     if 0 < strength < 1 and start is None and (per_axis(fold, int) != [1, 1, 1] or cond.shape[1] != latent_channels):
-        raise ValueError("strength < 1 starts from the encoded input: give it as start, or use encode_condition")
+        raise InputError("--strength: below 1 it starts from the encoded input: give it as start, or use encode_condition")
     timesteps, z = start_steps(scheduler, z, cond if start is None else start.to(device), strength)
 
     def predict(window: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -161,7 +162,7 @@ def start_steps(scheduler, noise: torch.Tensor, latent: torch.Tensor | None, str
     ``noise`` for ``strength`` 1, else the last ``strength`` fraction from ``latent`` noised to the first of them
     (SDEdit). ``latent`` is only read when ``strength < 1``."""
     if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+        raise InputError(f"--strength: must be in (0, 1], got {strength}")
     timesteps = scheduler.timesteps
     if strength == 1:
         return timesteps, noise
@@ -206,9 +207,9 @@ def enhance_volume(
     device = torch.device(device)
     sw = {"roi_size": [256, 256, 32], "overlap": 0.25, "sampling_overlap": 0.5, **(sliding_window or {})}
     if method not in ("diffusion", "regression"):
-        raise ValueError(f"method must be 'diffusion' or 'regression', got {method!r}")
+        raise InputError(f"--method: must be 'diffusion' or 'regression', got {method!r}")
     if residual_decoding and method == "regression":
-        raise ValueError("residual_decoding applies to the latent method; the regression peer is residual already")
+        raise InputError("--residual_decoding: applies to the latent method; the regression peer is residual already")
     modality = resolve_modality(image, modality)
     spacing = target_spacing_of(image, target_spacing)
     if np.allclose(spacing, spacing_of(image.affine)):
@@ -334,9 +335,9 @@ def enhance(
     tags from the input series, or a new anonymous study for a file input). The input is only read; after a
     failure no output is left."""
     if not str(output_image).endswith((".nii", ".nii.gz")):
-        raise ValueError(f"{output_image}: the output must be a NIfTI file (.nii.gz or .nii)")
+        raise InputError(f"{output_image}: the output must be a NIfTI file (.nii.gz or .nii)")
     if output_dicom and Path(output_dicom).exists() and any(Path(output_dicom).iterdir()):
-        raise FileExistsError(f"{output_dicom}: the DICOM output folder exists and is not empty")
+        raise OutputExistsError(f"{output_dicom}: the DICOM output folder exists and is not empty")
     t0 = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -423,11 +424,11 @@ def run(input_image: str = "", output_image: str = "", datalist: str = "", outpu
             kwargs[key] = flag(kwargs[key], option)
     if datalist:
         if not output_dir:
-            raise ValueError("batch mode needs --output_dir")
+            raise InputError("--datalist: batch mode needs --output_dir")
         if kwargs.pop("output_dicom", ""):
-            raise ValueError("--output_dicom writes one series; it does not apply to batch mode")
+            raise InputError("--output_dicom: writes one series; it does not apply to batch mode")
         return enhance_datalist(datalist, output_dir, **kwargs)
     if not input_image or not output_image:
-        raise ValueError("give --input_image and --output_image (or --datalist and --output_dir)")
+        raise InputError("--input_image, --output_image: give both (or --datalist and --output_dir)")
     return enhance(input_image, output_image, **kwargs)
 

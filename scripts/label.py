@@ -10,9 +10,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from scripts.enhance import ROOT, enhance, inference_parser
+from scripts.errors import InputError, UserError
 from scripts.options import flag
 
 WEIGHTS = ("autoencoder.pt", "diffusion.pt", "controlnet.pt", "autoencoder_scale.json")
@@ -55,9 +57,16 @@ class EnhanceTask(InferTask):
         spacing = str(params.get("target_spacing") or "").strip("[] ")
         networks, sliding_window, device, options = self._networks_and_settings()
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
-        result = enhance(
-            params["image"], out, networks,
-            target_spacing=[float(v) for v in spacing.split(",")] if spacing else None,
-            modality=params.get("modality") or None, num_inference_steps=int(params["num_inference_steps"]),
-            seed=int(params["seed"]), sliding_window=sliding_window, device=device, **options)
+        try:
+            try:
+                target = [float(v) for v in spacing.split(",")] if spacing else None
+            except ValueError as e:
+                raise InputError(f"target_spacing: expected 'sx,sy,sz' in mm, got {spacing!r}") from e
+            result = enhance(
+                params["image"], out, networks, target_spacing=target, modality=params.get("modality") or None,
+                num_inference_steps=int(params["num_inference_steps"]), seed=int(params["seed"]),
+                sliding_window=sliding_window, device=device, **options)
+        except UserError as e:  # the user's image or settings: a 422 whose detail is the one-line reason
+            Path(out).unlink(missing_ok=True)
+            raise HTTPException(status_code=422, detail=f"error: {e}") from e
         return out, {k: result[k] for k in ("seconds", "modality", "shape", "spacing")}

@@ -6,6 +6,8 @@ are not Python literals as strings), which Python treats as true; these helpers 
 
 from __future__ import annotations
 
+from scripts.errors import InputError
+
 _WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
@@ -15,4 +17,4 @@ def flag(value: bool | int | str, name: str = "option") -> bool:
         return _WORDS[value.strip().lower()]
     if isinstance(value, (bool, int)) and value in (0, 1):
         return bool(value)
-    raise ValueError(f"{name} must be true or false; got {value!r}")
+    raise InputError(f"--{name}: must be true or false; got {value!r}")

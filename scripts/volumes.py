@@ -14,8 +14,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
 
+from scripts.errors import InputError, MissingFileError
 
-class VolumeError(ValueError):
+
+class VolumeError(InputError):
     """An input volume that cannot be used; the message names the file and the reason."""
 
 
@@ -53,7 +55,7 @@ def load_volume(path: str | os.PathLike, series_uid: str | None = None) -> MetaT
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
+        raise MissingFileError(f"{path}: no such file or directory")
     if path.is_dir():
         from scripts.dicom import read_series
 

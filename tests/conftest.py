@@ -34,6 +34,15 @@ def ct_phantom(shape=(48, 48, 12), spacing=(1.0, 1.0, 2.0)) -> tuple[np.ndarray,
     return vol, affine
 
 
+def assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    """A user error as ``scripts.errors`` reports it: exit status 2, no traceback, and a last line of stderr
+    ``error: ...`` that holds every needle (the file or option, and the reason)."""
+    last = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ""
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert last.startswith("error: ") and all(n in last for n in needles), last
+
+
 @pytest.fixture
 def phantom_file(tmp_path: Path) -> Path:
     vol, affine = ct_phantom()

@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from scripts.dicom import LPS_TO_RAS, list_series, read_series, write_series
 from scripts.volumes import VolumeError, load_volume
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_user_error
 
 
 def make_series(folder, n=5, gap=2.5, source="CT_small.dcm", order=None, tilt_mm=0.0, positions=None):
@@ -111,7 +111,7 @@ def test_convert_command_keeps_the_affine(tmp_path):
     np.testing.assert_allclose(np.asarray(nii.dataobj), direct[0].numpy())
     bad = subprocess.run([sys.executable, "-m", "scripts.dicom", "convert", str(tmp_path / "nope"), str(out) + "x"],
                          cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode != 0 and "nope: no such file" in bad.stderr
+    assert_user_error(bad, "nope: no such file")
     assert not (tmp_path / "ct.nii.gzx").exists()
 
 

@@ -17,7 +17,7 @@ import torch
 
 from scripts.enhance import depth_to_space, inference_parser, run, space_to_depth
 from scripts.grid import fov_grid
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_user_error
 
 
 
@@ -157,7 +157,7 @@ def test_bad_input_gives_a_clear_error_and_no_output(crops, weights, tmp_path, p
     ckpt = tmp_path / "models"
     shutil.copytree(weights, ckpt)
     src, spacing = str(crops / "c.nii.gz"), "[1, 1, 2]"
-    expected = {"missing_input": "nope.nii.gz: no such file", "bad_spacing": "three positive numbers",
+    expected = {"missing_input": "nope.nii.gz: no such file", "bad_spacing": "--target_spacing: must be three positive numbers",
                 "missing_weights": "controlnet.pt: no weights"}[problem]
     if problem == "missing_input":
         src = str(tmp_path / "nope.nii.gz")
@@ -168,8 +168,7 @@ def test_bad_input_gives_a_clear_error_and_no_output(crops, weights, tmp_path, p
     out = tmp_path / "out.nii.gz"
     res = bundle("--input_image", src, "--output_image", str(out), "--ckpt_dir", str(ckpt), "--target_spacing",
                  spacing, "--num_inference_steps", "1", "--device", "cpu")
-    assert res.returncode != 0
-    assert expected in res.stderr
+    assert_user_error(res, expected)
     assert not out.exists() and not list(tmp_path.glob("*.nii*"))
 
 

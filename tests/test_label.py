@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -34,3 +35,24 @@ def test_infer_task_enhances_the_opened_image(crops, weights, tmp_path):
         Path(out).unlink(missing_ok=True)
     missing = EnhanceTask(ckpt_dir=str(tmp_path / "nothing"))
     assert not missing.is_valid()
+
+
+@pytest.mark.parametrize("problem", ["missing_image", "bad_spacing"])
+def test_infer_task_answers_bad_input_with_a_422_and_the_reason(crops, weights, tmp_path, problem):
+    """The user's image or settings are wrong: HTTP 422 whose detail is the one-line reason, and no output file."""
+    from fastapi import HTTPException
+
+    from scripts.label import EnhanceTask
+
+    task = EnhanceTask(ckpt_dir=str(weights), config_files=("configs/inference.json", "configs/tiny.json"),
+                       device="cpu")
+    request = {"image": str(crops / "c.nii.gz"), "target_spacing": "1,0,2", "num_inference_steps": 1}
+    if problem == "missing_image":
+        request.update(image=str(tmp_path / "gone.nii.gz"), target_spacing="")
+    before = set(Path(tempfile.gettempdir()).glob("*.nii.gz"))
+    with pytest.raises(HTTPException) as raised:
+        task(request)
+    expected = {"missing_image": "gone.nii.gz: no such file", "bad_spacing": "--target_spacing: must be three"}
+    assert raised.value.status_code == 422 and raised.value.detail.startswith("error: ")
+    assert expected[problem] in raised.value.detail
+    assert set(Path(tempfile.gettempdir()).glob("*.nii.gz")) == before

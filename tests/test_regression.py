@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
+from scripts.regression import PlaneResidualNet, plane_pairs
+from scripts.trainers import identity_start
 from tests.conftest import ROOT, tracked_training
 from tests.test_pipeline import _run
 
@@ -38,20 +40,13 @@ def test_regression_training_with_mlflow(crops, tmp_path):
     assert {"regression_checkpoint_final.pt", "regression.pt"} <= artifacts
 
 
-def _silence_unet(peer: torch.nn.Module) -> None:
-    """Zero the UNet's last convolution, so that its output is zero."""
-    last = [m for m in peer.modules() if isinstance(m, torch.nn.Conv3d)][-1]
-    torch.nn.init.zeros_(last.weight)
-    torch.nn.init.zeros_(last.bias)
-
-
 def test_regression_peer_learns_a_residual_over_its_input():
-    """Every size of the peer adds its UNet's output to the resampled input (VDSR-style residual learning): with
-    that output at zero it returns the input unchanged, so training starts from interpolation, not from zero."""
-    for name in ("common.json", "small.json", "tiny.json"):
+    """Every size of the peer (and the 3D UNet override) adds its body's output to the resampled input
+    (VDSR-style residual learning): with that output at zero it returns the input unchanged, so training starts
+    from interpolation, not from zero."""
+    for name in ("common.json", "small.json", "tiny.json", "regression_unet3d.json"):
         net = ConfigParser.load_config_file(ROOT / "configs" / name)["regression_def"]
-        peer = ConfigParser({"net": net}).get_parsed_content("net").eval()
-        _silence_unet(peer)
+        peer = identity_start(ConfigParser({"net": net}).get_parsed_content("net")).eval()
         x = torch.randn(1, 1, 32, 32, 32)
         with torch.no_grad():
             torch.testing.assert_close(peer(x), x, msg=name)
@@ -68,7 +63,7 @@ def test_data_consistency_applies_to_the_regression_peer():
     torch.manual_seed(0)
     tiny = ConfigParser.load_config_file(ROOT / "configs" / "tiny.json")["regression_def"]
     peer = ConfigParser({"net": tiny}).get_parsed_content("net")
-    _silence_unet(peer)  # the peer returns trilinear interpolation, whose slabs miss the input
+    identity_start(peer)  # the peer returns trilinear interpolation, whose slabs miss the input
     y = 50 * torch.rand(1, 32, 32, 8)
     image = MetaTensor(y, affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0])))
     common = {"target_spacing": [1.0, 1.0, 1.0], "modality": "ct", "method": "regression", "progress": False,
@@ -102,3 +97,35 @@ def test_the_training_config_starts_the_peer_as_the_identity(crops, tmp_path):
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(peer(x), x)
+
+
+def _plane_reference(net: PlaneResidualNet, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """The body's residual plane by plane across ``axis``, with edge-replicated neighbours (a plain loop)."""
+    out, n, c = torch.zeros_like(x), x.shape[axis], net.context
+    for k in range(n):
+        idx = torch.tensor([min(max(j, 0), n - 1) for j in range(k - c, k + c + 1)])
+        out.select(axis, k).copy_(net.body(x[:, 0].index_select(axis - 1, idx).movedim(axis - 1, 1)))
+    return out
+
+
+def test_plane_network_averages_its_x_z_and_y_z_residuals():
+    """A volume goes through the 2D body plane by plane (in chunks) along both in-plane axes; the residuals are
+    averaged. Checked against a plain loop, on a non-square volume so that swapped axes would show."""
+    torch.manual_seed(0)
+    net = PlaneResidualNet(channels=6, layers=4, context=2, chunk=7).eval()
+    x = torch.randn(2, 1, 13, 10, 6)
+    with torch.no_grad():
+        expected = x + 0.5 * (_plane_reference(net, x, 3) + _plane_reference(net, x, 2))
+        torch.testing.assert_close(net(x), expected)
+
+
+def test_plane_pairs_cut_planes_with_their_neighbours():
+    """Training planes: the centre channel is the condition's plane at the target's position, its neighbours the
+    adjacent planes (edges replicated), from both axes."""
+    torch.manual_seed(0)
+    cond = torch.arange(2 * 8 * 8 * 5, dtype=torch.float32).reshape(2, 1, 8, 8, 5)
+    planes, target = plane_pairs(cond, cond + 0.5, per_axis=6, context=1)
+    assert planes.shape == (24, 3, 8, 5) and target.shape == (24, 1, 8, 5)
+    torch.testing.assert_close(planes[:, 1:2] + 0.5, target)
+    step = (planes[:, 2] - planes[:, 1]).flatten(1)[:, 0]  # 40 across x, 5 across y, 0 at a replicated edge
+    assert set(step.unique().tolist()) <= {0.0, 5.0, 40.0} and {5.0, 40.0} <= set(step.unique().tolist())
