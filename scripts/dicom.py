@@ -2,8 +2,9 @@
 
 Reading: slices are grouped by SeriesInstanceUID, ordered by ImagePositionPatient projected on the slice
 normal, the slice spacing is taken from those positions (never from SliceThickness), and values are rescaled
-with RescaleSlope/RescaleIntercept (HU for CT). Non-uniform spacing, gantry tilt, mixed orientations or sizes
-are refused with an error that says what was found.
+with RescaleSlope/RescaleIntercept (HU for CT). A gantry-tilted series is resampled once onto the orthogonal grid
+that covers it (``untilt``). Non-uniform spacing, mixed orientations or sizes are refused with an error that says
+what was found.
 
 Command line: ``python -m scripts.dicom convert DICOM_DIR OUT.nii.gz [--series_uid UID]`` and
 ``python -m scripts.dicom list DICOM_DIR``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import logging
 import shutil
 import tempfile
 from collections import defaultdict
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from scipy import ndimage
 import torch
 from monai.data import MetaTensor
 from pydicom.errors import InvalidDicomError
@@ -28,6 +31,7 @@ from pydicom.uid import generate_uid
 from scripts.volumes import VolumeError, check_volume, load_volume, save_volume
 from scripts.errors import OutputExistsError
 
+logger = logging.getLogger(__name__)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SPACING_TOLERANCE = 0.01  # relative deviation of a slice gap from the median gap
 TILT_TOLERANCE_DEG = 0.5
@@ -127,11 +131,6 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> MetaTensor
     steps = np.diff(positions, axis=0)
     cosines = (steps @ normal) / np.linalg.norm(steps, axis=1)
     tilt = float(np.degrees(np.arccos(np.clip(cosines.min(), -1, 1))))
-    if tilt > TILT_TOLERANCE_DEG:
-        raise VolumeError(
-            f"{folder}: gantry tilt of {tilt:.2f} degrees in series {series_uid} (slices are sheared); "
-            "correct the tilt (resample to an orthogonal grid) before enhancement"
-        )
 
     slices = []
     for f, _ in files:
@@ -145,11 +144,18 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> MetaTensor
     data = np.stack([s.T for s in slices], axis=-1)  # (columns, rows, slices) = (X, Y, Z)
 
     row_mm, col_mm = (float(v) for v in first.PixelSpacing)  # between rows, between columns
+    origin = positions[0]
+    if tilt > TILT_TOLERANCE_DEG:
+        data, origin = untilt(data, positions, row_dir, col_dir, col_mm, row_mm)
+        logger.info(
+            "%s: gantry tilt of %.2f degrees in series %s: resampled (linear, in-plane) onto the orthogonal grid "
+            "%s that covers the acquired slices, %.4g x %.4g mm in-plane, %.4g mm slice step along the slice normal",
+            folder, tilt, series_uid, "x".join(map(str, data.shape)), col_mm, row_mm, spacing_z)
     lps = np.eye(4)
     lps[:3, 0] = row_dir * col_mm
     lps[:3, 1] = col_dir * row_mm
     lps[:3, 2] = normal * spacing_z
-    lps[:3, 3] = positions[0]
+    lps[:3, 3] = origin
     affine = LPS_TO_RAS @ lps
     check_volume(data, affine, str(folder))
     meta = {
@@ -159,12 +165,36 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> MetaTensor
         "modality": str(first.get("Modality", "")),
         "series_uid": series_uid,
         "filename_or_obj": str(folder),
+        "gantry_tilt_deg": round(tilt, 3) if tilt > TILT_TOLERANCE_DEG else 0.0,
     }
     return MetaTensor(torch.as_tensor(data)[None], meta=meta)
 
 
+def untilt(data: np.ndarray, positions: np.ndarray, row_dir: np.ndarray, col_dir: np.ndarray, col_mm: float,
+           row_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """A gantry-tilted (sheared) stack of slices ``(X, Y, Z)``, sorted along the normal, on the orthogonal grid.
+
+    Slice ``k`` sits ``positions[k]`` (LPS); its in-plane offset from the first slice is removed by shifting it back
+    (linear interpolation within the slice; along the normal nothing moves, so no slices are mixed). The grid keeps
+    the in-plane spacing and grows in-plane to cover every shifted slice; voxels no slice covers take the series'
+    minimum (air for CT). Returns the data and the LPS position of the new grid's first voxel.
+    """
+    offsets = positions - positions[0]
+    shift = np.stack([offsets @ row_dir / col_mm, offsets @ col_dir / row_mm], axis=1)  # (Z, 2) in voxels
+    lo = np.floor(np.minimum(shift.min(axis=0), 0)).astype(int)
+    hi = np.ceil(np.maximum(shift.max(axis=0), 0)).astype(int)
+    nx, ny, nz = data.shape
+    fill = float(data.min())
+    out = np.empty((nx + hi[0] - lo[0], ny + hi[1] - lo[1], nz), dtype=np.float32)
+    for k in range(nz):
+        canvas = np.full(out.shape[:2], fill, dtype=np.float32)
+        canvas[-lo[0] : -lo[0] + nx, -lo[1] : -lo[1] + ny] = data[..., k]
+        out[..., k] = ndimage.shift(canvas, shift[k], order=1, mode="constant", cval=fill)
+    return out, positions[0] + lo[0] * col_mm * row_dir + lo[1] * row_mm * col_dir
+
+
 # Tags of the source slice that no longer describe a derived slice on a new grid.
-STALE_TAGS = ("SliceLocation", "SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingValue",
+STALE_TAGS = ("SliceLocation", "GantryDetectorTilt", "SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingValue",
               "SmallestPixelValueInSeries", "LargestPixelValueInSeries", "ReferencedImageSequence",
               "SourceImageSequence", "WindowCenter", "WindowWidth", "NumberOfFrames", "PixelData",
               "PlanarConfiguration", "LossyImageCompression")
