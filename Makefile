@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-results device-kit clean
+.PHONY: install lint format demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-results device-kit clean
 
 install: $(STAMP)
 
@@ -14,6 +14,25 @@ $(STAMP): requirements.txt requirements-label.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-label.txt
 	touch $(STAMP)
+
+# The MONAI model zoo's lint settings (.ci/lint: copies of the zoo's setup.cfg and pyproject.toml) on scripts/ and
+# tests/; `make format` applies isort and black.
+LINT := .venv-lint
+LINT_STAMP := $(LINT)/.installed
+LINT_PATHS := scripts tests
+$(LINT_STAMP): requirements-lint.txt
+	$(PYTHON) -m venv $(LINT)
+	$(LINT)/bin/pip install --quiet -r requirements-lint.txt
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	$(LINT)/bin/flake8 --config .ci/lint/setup.cfg $(LINT_PATHS)
+	$(LINT)/bin/isort --settings-path .ci/lint/setup.cfg --check-only $(LINT_PATHS)
+	$(LINT)/bin/black --config .ci/lint/pyproject.toml --skip-magic-trailing-comma --check $(LINT_PATHS)
+
+format: $(LINT_STAMP)
+	$(LINT)/bin/isort --settings-path .ci/lint/setup.cfg $(LINT_PATHS)
+	$(LINT)/bin/black --config .ci/lint/pyproject.toml --skip-magic-trailing-comma $(LINT_PATHS)
 
 demo: $(STAMP)
 	$(PY) -m monai.bundle run --config_file configs/demo.json

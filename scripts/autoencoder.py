@@ -80,8 +80,9 @@ class ReconstructionInferer(Inferer):
     """Whole-volume reconstruction through ``reconstruct_volume``, for evaluators: the same windowed path as
     inference, so validation measures what users get."""
 
-    def __init__(self, roi_size: Sequence[int] = (128, 128, 32), overlap: float = 0.25, amp: bool | str = False
-                 ) -> None:
+    def __init__(
+        self, roi_size: Sequence[int] = (128, 128, 32), overlap: float = 0.25, amp: bool | str = False
+    ) -> None:
         super().__init__()
         self.roi_size, self.overlap, self.amp = roi_size, overlap, amp
 
@@ -137,14 +138,15 @@ def tiled_apply(
         lo = [max(0, st - h) for st, h in zip(start, halos)]
         hi = [min(int(s), st + r + h) for s, st, r, h in zip(size, start, roi, halos)]
         y = fn(x[(slice(None), slice(None), *[slice(a, b) for a, b in zip(lo, hi)])])
-        keep = [slice(int(round((st - a) * sc)), int(round((st - a) * sc)) + o)
-                for st, a, o, sc in zip(start, lo, out_roi, scale)]
+        keep = [
+            slice(int(round((st - a) * sc)), int(round((st - a) * sc)) + o)
+            for st, a, o, sc in zip(start, lo, out_roi, scale)
+        ]
         y = y[(slice(None), slice(None), *keep)]
         if out is None:
             shape = (x.shape[0], y.shape[1], *[int(round(s * sc)) for s, sc in zip(size, scale)])
             out, norm = x.new_zeros(shape), x.new_zeros(shape[2:])
-        target = tuple(slice(int(round(st * sc)), int(round(st * sc)) + o)
-                       for st, o, sc in zip(start, out_roi, scale))
+        target = tuple(slice(int(round(st * sc)), int(round(st * sc)) + o) for st, o, sc in zip(start, out_roi, scale))
         out[(slice(None), slice(None), *target)] += y * weight
         norm[target] += weight
     return out / norm
@@ -162,8 +164,16 @@ def encode_volume(
     """Latent means ``(B, C_lat, X/f, Y/f, Z/f)`` (``Z`` for a slice-wise autoencoder) of a padded
     ``(B, 1, X, Y, Z)`` image (see ``pad_for``)."""
     fs = downsample_factors(autoencoder)
-    return tiled_apply(lambda t: autoencoder.encode(t)[0], image, roi_size, [1 / f for f in fs], overlap,
-                       [halo // f * f if f > 1 else 0 for f in fs], fs, progress)
+    return tiled_apply(
+        lambda t: autoencoder.encode(t)[0],
+        image,
+        roi_size,
+        [1 / f for f in fs],
+        overlap,
+        [halo // f * f if f > 1 else 0 for f in fs],
+        fs,
+        progress,
+    )
 
 
 @torch.no_grad()
@@ -177,27 +187,25 @@ def decode_volume(
 ) -> torch.Tensor:
     """Image ``(B, 1, f*X, f*Y, f*Z)`` decoded from latents window by window (``roi_size`` in latent voxels)."""
     fs = downsample_factors(autoencoder)
-    return tiled_apply(autoencoder.decode, latent, roi_size, fs, overlap, [halo if f > 1 else 0 for f in fs], 1,
-                       progress)
+    return tiled_apply(
+        autoencoder.decode, latent, roi_size, fs, overlap, [halo if f > 1 else 0 for f in fs], 1, progress
+    )
 
 
-def pad_for(autoencoder: AutoencoderKL, image: torch.Tensor, latent_multiple: int = 1
-            ) -> tuple[torch.Tensor, tuple[slice, ...]]:
+def pad_for(
+    autoencoder: AutoencoderKL, image: torch.Tensor, latent_multiple: int = 1
+) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """Edge-pad the spatial dims of ``(B, C, X, Y, Z)`` so that the latent grid is a whole number of voxels, and
     a multiple of ``latent_multiple`` (what a diffusion UNet downsampling the latent needs); also return the
     slices that crop the result back."""
     shape = image.shape[2:]
-    pad = DivisiblePad(k=[f * int(latent_multiple) for f in downsample_factors(autoencoder)], mode="edge",
-                       method="end")
+    pad = DivisiblePad(k=[f * int(latent_multiple) for f in downsample_factors(autoencoder)], mode="edge", method="end")
     padded = torch.stack([torch.as_tensor(pad(im)).as_subclass(torch.Tensor) for im in image])
     return padded, (slice(None), slice(None), *[slice(0, n) for n in shape])
 
 
 def reconstruct_volume(
-    autoencoder: AutoencoderKL,
-    image: torch.Tensor,
-    roi_size: Sequence[int] = (128, 128, 32),
-    overlap: float = 0.25,
+    autoencoder: AutoencoderKL, image: torch.Tensor, roi_size: Sequence[int] = (128, 128, 32), overlap: float = 0.25
 ) -> torch.Tensor:
     """Encode and decode a whole volume window by window; same shape as ``image``."""
     padded, crop = pad_for(autoencoder, image)
@@ -220,8 +228,9 @@ def latent_affine(autoencoder: AutoencoderKL, affine: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def latent_scale_factor(autoencoder: AutoencoderKL, batches: Iterable, device: torch.device | str = "cpu",
-                        max_batches: int = 20) -> float:
+def latent_scale_factor(
+    autoencoder: AutoencoderKL, batches: Iterable, device: torch.device | str = "cpu", max_batches: int = 20
+) -> float:
     """``1 / std`` of the latent means over training patches, as in the LDM papers."""
     autoencoder.eval()
     zs = []
@@ -235,8 +244,13 @@ def latent_scale_factor(autoencoder: AutoencoderKL, batches: Iterable, device: t
     return float(1.0 / torch.cat(zs).std())
 
 
-def save_scale_factor(autoencoder: AutoencoderKL, batches: Iterable, ckpt_dir: str, device: torch.device | str = "cpu",
-                      max_batches: int = 20) -> float:
+def save_scale_factor(
+    autoencoder: AutoencoderKL,
+    batches: Iterable,
+    ckpt_dir: str,
+    device: torch.device | str = "cpu",
+    max_batches: int = 20,
+) -> float:
     """Compute the latent scale factor and write ``ckpt_dir/autoencoder_scale.json`` for the later stages."""
     scale = latent_scale_factor(autoencoder, batches, device, max_batches)
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
@@ -251,14 +265,17 @@ def load_scale_factor(ckpt_dir: str) -> float:
     return float(json.loads(path.read_text())["scale_factor"])
 
 
-def load_autoencoder_weights(autoencoder: AutoencoderKL, path: str | Path, map_location: str | torch.device = "cpu"
-                             ) -> AutoencoderKL:
+def load_autoencoder_weights(
+    autoencoder: AutoencoderKL, path: str | Path, map_location: str | torch.device = "cpu"
+) -> AutoencoderKL:
     """Load weights saved by this bundle (a state dict, or a checkpoint holding ``autoencoder``) or by the old
     MONAI Generative ``AutoencoderKL`` (renamed attention and upsampling layers), with ``weights_only=True``."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no autoencoder weights (train stage 1, or point ckpt_dir at them; the "
-                                "bundle ships only the regression stage so far: add configs/inference_regression.json "
-                                "to the config list)")
+        raise FileNotFoundError(
+            f"{path}: no autoencoder weights (train stage 1, or point ckpt_dir at them; the "
+            "bundle ships only the regression stage so far: add configs/inference_regression.json "
+            "to the config list)"
+        )
     state = torch.load(path, map_location=map_location, weights_only=True)
     if "autoencoder" in state and isinstance(state["autoencoder"], dict):
         state = state["autoencoder"]
@@ -308,10 +325,18 @@ def prepare_latents(
             affine = latent_affine(autoencoder, np.asarray(image.affine))
             name = Path(str(item["image"]).rstrip("/")).name.split(".")[0]
             path = out / f"{name}_latent.pt"
-            torch.save({"latent": z, "affine": torch.as_tensor(affine), "intensity": d["image_intensity"],
-                        "image_shape": list(image.shape[1:])}, path)
-            new[key].append({**{k: v for k, v in item.items() if k != "image"}, "image": str(item["image"]),
-                             "latent": path.name})
+            torch.save(
+                {
+                    "latent": z,
+                    "affine": torch.as_tensor(affine),
+                    "intensity": d["image_intensity"],
+                    "image_shape": list(image.shape[1:]),
+                },
+                path,
+            )
+            new[key].append(
+                {**{k: v for k, v in item.items() if k != "image"}, "image": str(item["image"]), "latent": path.name}
+            )
     target = out / "datalist_latents.json"
     target.write_text(json.dumps(new, indent=2))
     return str(target)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from scripts.baselines import gaussian_denoise, nlm_denoise, resample
 from scripts.degradations import blur, kspace_truncate, lowdose_ct, rician_noise, thick_slice, thick_slice_affine
 from scripts.evaluate import evaluate
@@ -26,10 +25,26 @@ GAUSSIAN_SIGMAS_MM = (0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
 NLM_H_FACTORS = (0.6, 0.8, 1.0, 1.2)
 
 TASKS = {
-    "ct_sr_5to10mm": {"file": "lung1_image.nrrd", "modality": "ct", "degradation": "thick slices x2 (5 -> 10 mm), box profile"},
-    "ct_lowdose_quarter": {"file": "lung1_image.nrrd", "modality": "ct", "degradation": "quarter dose (5e5 photons/ray at full dose, 360 views)"},
-    "mr_brain1_rician5": {"file": "brain1_image.nrrd", "modality": "mr", "degradation": "Rician noise, sigma 5% of the 99th percentile"},
-    "mr_mni152_rician5": {"file": "mni152_t1_1mm.nii.gz", "modality": "mr", "degradation": "Rician noise, sigma 5% of the 99th percentile"},
+    "ct_sr_5to10mm": {
+        "file": "lung1_image.nrrd",
+        "modality": "ct",
+        "degradation": "thick slices x2 (5 -> 10 mm), box profile",
+    },
+    "ct_lowdose_quarter": {
+        "file": "lung1_image.nrrd",
+        "modality": "ct",
+        "degradation": "quarter dose (5e5 photons/ray at full dose, 360 views)",
+    },
+    "mr_brain1_rician5": {
+        "file": "brain1_image.nrrd",
+        "modality": "mr",
+        "degradation": "Rician noise, sigma 5% of the 99th percentile",
+    },
+    "mr_mni152_rician5": {
+        "file": "mni152_t1_1mm.nii.gz",
+        "modality": "mr",
+        "degradation": "Rician noise, sigma 5% of the 99th percentile",
+    },
 }
 
 
@@ -48,8 +63,7 @@ def degrade_for_task(task: str, x: torch.Tensor, affine: np.ndarray, seed: int) 
     gen = torch.Generator().manual_seed(seed)
     factor = sr_factor(task)
     if factor is not None:
-        return (thick_slice(x, factor, axis=2, profile="box"),
-                thick_slice_affine(affine, x.shape[-1], factor, axis=2))
+        return (thick_slice(x, factor, axis=2, profile="box"), thick_slice_affine(affine, x.shape[-1], factor, axis=2))
     if task.startswith("ct_lowdose"):
         return lowdose_ct(x, spacing_of(affine), dose_fraction=0.25, generator=gen), affine
     if "_blur_gaussian_" in task:  # e.g. ct_blur_gaussian_3mm: Gaussian sigma in mm
@@ -97,8 +111,10 @@ def tuned_best(means: dict[str, dict]) -> list[str]:
 def run(data_dir: str, output_dir: str, seed: int = 0) -> dict:
     """Run every task on the volumes in ``data_dir``; write volumes, reports and ``baselines.md``."""
     out_root = Path(output_dir)
-    lines = ["| task | degradation | method | PSNR (dB) | SSIM | MAE | HU-MAE body | seconds (CPU) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| task | degradation | method | PSNR (dB) | SSIM | MAE | HU-MAE body | seconds (CPU) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     summary = {}
     for task, spec in TASKS.items():
         ref = load_volume(Path(data_dir) / spec["file"])
@@ -113,18 +129,32 @@ def run(data_dir: str, output_dir: str, seed: int = 0) -> dict:
             path = task_dir / f"{method.replace(' ', '_')}.nii.gz"
             save_volume(vol, affine, path)
             seconds[method] = sec
-            cases.append({"name": method.replace(" ", "_"), "method": method, "output": str(path),
-                          "reference": str(task_dir / "reference.nii.gz"), "input": str(task_dir / "degraded.nii.gz")})
+            cases.append(
+                {
+                    "name": method.replace(" ", "_"),
+                    "method": method,
+                    "output": str(path),
+                    "reference": str(task_dir / "reference.nii.gz"),
+                    "input": str(task_dir / "degraded.nii.gz"),
+                }
+            )
         report = evaluate(cases, str(task_dir), spec["modality"])
         means = report["mean_by_method"]
         for m in tuned_best(means):
             r = means[m]
             hu = f"{r['hu_mae_body']:.1f}" if "hu_mae_body" in r else "-"
             mae_txt = f"{r['mae']:.1f} HU" if spec["modality"] == "ct" else f"{r['mae']:.4f}"
-            lines.append(f"| {task} | {spec['degradation']} | {m} | {r['psnr']:.2f} | {r['ssim']:.4f} | {mae_txt} | "
-                         f"{hu} | {seconds[m]:.1f} |")
-        summary[task] = {"file": spec["file"], "shape": list(x.shape), "spacing": spacing_of(affine).tolist(),
-                         "metrics": means, "seconds": seconds}
+            lines.append(
+                f"| {task} | {spec['degradation']} | {m} | {r['psnr']:.2f} | {r['ssim']:.4f} | {mae_txt} | "
+                f"{hu} | {seconds[m]:.1f} |"
+            )
+        summary[task] = {
+            "file": spec["file"],
+            "shape": list(x.shape),
+            "spacing": spacing_of(affine).tolist(),
+            "metrics": means,
+            "seconds": seconds,
+        }
         if task.startswith("ct_lowdose"):
             summary[task]["added_noise_std_body_hu"] = float((y - x)[torch.as_tensor(body_mask(x))].std())
         if spec["modality"] == "mr":

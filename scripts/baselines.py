@@ -7,11 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from scipy.ndimage import spline_filter1d
-from skimage.restoration import denoise_nl_means, estimate_sigma
-
 from scripts.degradations import blur
 from scripts.grid import apply_along_axis, axis_positions, fov_grid, interpolation_matrix
 from scripts.volumes import spacing_of
+from skimage.restoration import denoise_nl_means, estimate_sigma
 
 INTERPOLATIONS = {"trilinear": "linear", "bspline": "bspline"}
 
@@ -60,9 +59,13 @@ def nlm_denoise(
     flat = vol.reshape(-1, *vol.shape[-3:])
     out = np.empty_like(flat)
     for c, v in enumerate(flat):
-        s = float(sigma) if sigma is not None else float(np.median([estimate_sigma(v[..., k]) for k in
-                                                                     range(0, v.shape[-1], max(1, v.shape[-1] // 8))]))
+        s = (
+            float(sigma)
+            if sigma is not None
+            else float(np.median([estimate_sigma(v[..., k]) for k in range(0, v.shape[-1], max(1, v.shape[-1] // 8))]))
+        )
         for k in range(v.shape[-1]):
-            out[c, ..., k] = denoise_nl_means(v[..., k], h=h_factor * s, sigma=s, patch_size=patch_size,
-                                              patch_distance=patch_distance, fast_mode=True)
+            out[c, ..., k] = denoise_nl_means(
+                v[..., k], h=h_factor * s, sigma=s, patch_size=patch_size, patch_distance=patch_distance, fast_mode=True
+            )
     return torch.as_tensor(out.reshape(vol.shape), dtype=x.dtype, device=x.device)

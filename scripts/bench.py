@@ -63,7 +63,6 @@ def _autoencoder_cases() -> dict:
     import json
 
     from monai.bundle import ConfigParser
-
     from scripts.autoencoder import decode_volume, downsample_factor
 
     with open("configs/common.json") as f:
@@ -99,8 +98,10 @@ def windows_for(shape: tuple[int, ...] = (512, 512, 256)) -> str:
     roi = [r // factor for r in common["sliding_window"]["roi_size"]]
     step = [max(1, int(r * (1 - common["sliding_window"]["overlap"]))) for r in roi]
     n = math.prod(len(_starts(s // factor, r, st)) for s, r, st in zip(shape, roi, step))
-    return (f"full-size autoencoder {common['autoencoder_def']['channels']}, patch {common['patch_size']}; "
-            f"a {'x'.join(map(str, shape))} volume decodes in {n} latent windows of {roi}")
+    return (
+        f"full-size autoencoder {common['autoencoder_def']['channels']}, patch {common['patch_size']}; "
+        f"a {'x'.join(map(str, shape))} volume decodes in {n} latent windows of {roi}"
+    )
 
 
 NAMES = [
@@ -124,7 +125,6 @@ def seam_ratio(overlap: float, halo: int, seed: int = 0) -> float:
     import json
 
     from monai.bundle import ConfigParser
-
     from scripts.autoencoder import _starts, tiled_apply
     from scripts.diffusion import ControlledDenoiser
 
@@ -147,11 +147,11 @@ def seam_ratio(overlap: float, halo: int, seed: int = 0) -> float:
         whole = predict(joined)
         err = (tiled_apply(predict, joined, (16, 16, 8), 1.0, overlap, halo=halo) - whole).abs()[0].mean(dim=(0, 2, 3))
     step = max(1, int(16 * (1 - overlap)))
-    borders = {s for s in _starts(48, 16, step)} | {s + 16 for s in _starts(48, 16, step)}
+    borders = set(_starts(48, 16, step)) | {s + 16 for s in _starts(48, 16, step)}
     near = np.zeros(48, bool)
     for b in borders:
         if 0 < b < 48:
-            near[max(0, b - 1):b + 1] = True
+            near[max(0, b - 1) : b + 1] = True
     return float(err[near].mean() / err[~near].mean())
 
 
@@ -168,7 +168,6 @@ def enhance_bench(steps: int = 1, config: str = "common", shape: tuple[int, int,
     networks of ``configs/<config>.json`` (random weights: speed and memory do not depend on them), ``steps`` DDIM
     steps and the configured windows, 5 mm -> 2.5 mm through-plane; then the classical baselines, same run."""
     from monai.bundle import ConfigParser
-
     from scripts.baselines import resample
     from scripts.enhance import enhance_volume
 
@@ -176,10 +175,15 @@ def enhance_bench(steps: int = 1, config: str = "common", shape: tuple[int, int,
     parser = ConfigParser()
     parser.read_config(["configs/common.json"] + ([] if config == "common" else [f"configs/{config}.json"]))
     torch.manual_seed(0)
-    networks = {name: parser.get_parsed_content(f"{name}_def").to(device).eval()
-                for name in ("autoencoder", "diffusion", "controlnet")}
-    networks.update(scheduler=parser.get_parsed_content("inference_scheduler_def"), scale_factor=1.0,
-                    encode_condition=parser["encode_condition"])
+    networks = {
+        name: parser.get_parsed_content(f"{name}_def").to(device).eval()
+        for name in ("autoencoder", "diffusion", "controlnet")
+    }
+    networks.update(
+        scheduler=parser.get_parsed_content("inference_scheduler_def"),
+        scale_factor=1.0,
+        encode_condition=parser["encode_condition"],
+    )
     from monai.data import MetaTensor
 
     thick = _volume(tuple(shape))[:, :, ::2][None]
@@ -187,8 +191,10 @@ def enhance_bench(steps: int = 1, config: str = "common", shape: tuple[int, int,
     image = MetaTensor(thick, affine=torch.as_tensor(affine))
     target = list(SPACING)
     sw = parser["sliding_window"]
-    print(f"main job: {tuple(thick.shape[1:])} at {affine.diagonal()[:3].tolist()} mm -> {target} mm; {config} "
-          f"networks, {steps} DDIM step(s), windows {sw}; device {device}")
+    print(
+        f"main job: {tuple(thick.shape[1:])} at {affine.diagonal()[:3].tolist()} mm -> {target} mm; {config} "
+        f"networks, {steps} DDIM step(s), windows {sw}; device {device}"
+    )
 
     def timed(fn):
         if device == "cuda":
@@ -204,8 +210,9 @@ def enhance_bench(steps: int = 1, config: str = "common", shape: tuple[int, int,
             peak = f"{(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20:.2f} GiB RSS growth"
         return time.perf_counter() - t0, peak
 
-    seconds, peak = timed(lambda: enhance_volume(image, networks, target, "ct", steps, sliding_window=sw,
-                                                 device=device, progress=False))
+    seconds, peak = timed(
+        lambda: enhance_volume(image, networks, target, "ct", steps, sliding_window=sw, device=device, progress=False)
+    )
     print(f"{'latent diffusion + ControlNet':<32} {seconds:9.2f} s  {peak}")
     for method in ("trilinear", "bspline"):
         seconds, peak = timed(lambda: resample(thick[0], affine, target, method))
@@ -218,7 +225,6 @@ def posterior_bench(shape: tuple[int, int, int] = (96, 96, 64), steps: int = 1) 
     import json
 
     from monai.bundle import ConfigParser
-
     from scripts.grid import fov_grid
     from scripts.posterior import forward_operator, posterior_sample
 
@@ -229,13 +235,26 @@ def posterior_bench(shape: tuple[int, int, int] = (96, 96, 64), steps: int = 1) 
     thick_affine = np.diag([1.0, 1.0, 2.0, 1.0])
     thick = (shape[0], shape[1], shape[2] // 2)
     out_shape, out_affine, _ = fov_grid(thick, thick_affine, [1.0, 1.0, 1.0])
-    A = forward_operator("thick_slice", thick, thick_affine, out_shape, out_affine)
+    op = forward_operator("thick_slice", thick, thick_affine, out_shape, out_affine)
     observed = torch.rand(1, 1, *thick)
     print(f"posterior sampling, {shape} output, full-size networks, CPU threads {torch.get_num_threads()}")
     for method in ("dmps", "dps"):
         t0 = time.perf_counter()
-        posterior_sample(ae, prior, scheduler, 1.0, observed, A, out_shape, 0.01, steps, torch.Generator(), method,
-                         roi_size=[s // 4 for s in shape], progress=False)
+        posterior_sample(
+            ae,
+            prior,
+            scheduler,
+            1.0,
+            observed,
+            op,
+            out_shape,
+            0.01,
+            steps,
+            torch.Generator(),
+            method,
+            roi_size=[s // 4 for s in shape],
+            progress=False,
+        )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(f"{method:<6} {(time.perf_counter() - t0) / steps:9.1f} s/step  peak process memory {peak:.2f} GiB")
 
@@ -261,7 +280,6 @@ def engine_bench(repeats: int = 2, config_files: Sequence[str] = ("configs/commo
     autocast + channels-last (``scripts.engine``), measured side by side in one process; the best of
     ``repeats`` after a warm-up."""
     from monai.bundle import ConfigParser
-
     from scripts.engine import prepare_network, run_network
 
     parser = ConfigParser()
@@ -296,8 +314,9 @@ def engine_bench(repeats: int = 2, config_files: Sequence[str] = ("configs/commo
         print(f"{name:<12} {str(tuple(shape)):<22} {secs[0]:10.2f} {secs[1]:10.2f} {secs[0] / secs[1]:6.2f}")
 
 
-def precision_check(datalist: str = "outputs/release/lowdose/datalist.json", iterations: int = 100, seed: int = 0
-                    ) -> None:
+def precision_check(
+    datalist: str = "outputs/release/lowdose/datalist.json", iterations: int = 100, seed: int = 0
+) -> None:
     """``python -m scripts.bench precision``: does bfloat16 hold back the regression peer's learning? The peer of
     ``configs/common.json``, started as the identity (``identity_start``), trained ``iterations`` steps (batches of
     2) on 32 fixed training pairs of 96x96x32 from ``datalist`` (the release pairs), in bfloat16 + channels-last and
@@ -305,7 +324,6 @@ def precision_check(datalist: str = "outputs/release/lowdose/datalist.json", ite
     import copy
 
     from monai.bundle import ConfigParser
-
     from scripts.datalist import read_datalist
     from scripts.engine import prepare_network, run_network
     from scripts.trainers import identity_start
@@ -332,8 +350,10 @@ def precision_check(datalist: str = "outputs/release/lowdose/datalist.json", ite
             opt.step()
         with torch.no_grad():
             val = (run_network(net, x[32:40], "cpu", False) - y[32:40]).abs().mean()
-        print(f"{'bfloat16' if amp else 'float32':<9} {iterations} iterations in {time.perf_counter() - t0:.0f} s: "
-              f"validation L1 {val:.4f}")
+        print(
+            f"{'bfloat16' if amp else 'float32':<9} {iterations} iterations in {time.perf_counter() - t0:.0f} s: "
+            f"validation L1 {val:.4f}"
+        )
 
 
 def demo_bench(steps: int = 10) -> None:
@@ -356,17 +376,36 @@ def demo_bench(steps: int = 10) -> None:
             torch.save(common.get_parsed_content(f"{name}_def").state_dict(), Path(d) / f"{name}.pt")
         (Path(d) / "autoencoder_scale.json").write_text(json.dumps({"scale_factor": 1.0}))
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/demo.json",
-                        "--ckpt_dir", d, "--output_dir", str(Path(d) / "demo"), "--num_inference_steps", str(steps)],
-                       check=True, capture_output=True)
-        print(f"demo (both tasks, classical + ours with {steps} DDIM steps, random weights): "
-              f"{time.perf_counter() - t0:.1f} s wall, {torch.get_num_threads()} torch threads")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                "configs/demo.json",
+                "--ckpt_dir",
+                d,
+                "--output_dir",
+                str(Path(d) / "demo"),
+                "--num_inference_steps",
+                str(steps),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        print(
+            f"demo (both tasks, classical + ours with {steps} DDIM steps, random weights): "
+            f"{time.perf_counter() - t0:.1f} s wall, {torch.get_num_threads()} torch threads"
+        )
 
 
 def main() -> None:
     ctx = mp.get_context("spawn")
-    print(f"volume {SHAPE}, spacing {SPACING} mm; {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, device cpu")
+    print(
+        f"volume {SHAPE}, spacing {SPACING} mm; {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, device cpu"
+    )
     print(f"{'case':<30} {'seconds':>8} {'peak MiB':>9}")
     for name in NAMES:
         q = ctx.Queue()
@@ -381,6 +420,15 @@ def main() -> None:
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"all": main, "seams": seams, "enhance": enhance_bench, "posterior": posterior_bench,
-               "demo": demo_bench, "sizes": sizes, "engine": engine_bench,
-               "precision": precision_check})
+    fire.Fire(
+        {
+            "all": main,
+            "seams": seams,
+            "enhance": enhance_bench,
+            "posterior": posterior_bench,
+            "demo": demo_bench,
+            "sizes": sizes,
+            "engine": engine_bench,
+            "precision": precision_check,
+        }
+    )

@@ -18,9 +18,8 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler
-
-from scripts.options import flag
 from scripts.errors import InputError, MissingFileError
+from scripts.options import flag
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +67,14 @@ class ResumeHandler:
     one and starts afresh when there is none, for jobs that are simply run again until training completes.
     """
 
-    def __init__(self, enabled: bool | str, ckpt_dir: str, prefix: str, load_dict: dict,
-                 map_location: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        enabled: bool | str,
+        ckpt_dir: str,
+        prefix: str,
+        load_dict: dict,
+        map_location: str | torch.device | None = None,
+    ) -> None:
         if enabled != "auto":
             enabled = flag(enabled, "resume (true, false or auto)")
         self.enabled, self.ckpt_dir, self.prefix = enabled, ckpt_dir, prefix
@@ -84,12 +89,17 @@ class ResumeHandler:
             return
         if path is None:
             raise MissingFileError(
-                f"{self.ckpt_dir}: resume requested but no {self.prefix}_checkpoint_epoch=*.pt found")
+                f"{self.ckpt_dir}: resume requested but no {self.prefix}_checkpoint_epoch=*.pt found"
+            )
         logger.info("resuming from %s", path)
         saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # the keys; tensors stay on disk
         scalers = {"amp_scalers": AmpScalers(engine)} if "amp_scalers" in saved else {}  # absent before 0.11.0
-        CheckpointLoader(load_path=str(path), load_dict={**self.load_dict, "trainer": engine, **scalers},
-                         map_location=self.map_location, name="resume").attach(engine)
+        CheckpointLoader(
+            load_path=str(path),
+            load_dict={**self.load_dict, "trainer": engine, **scalers},
+            map_location=self.map_location,
+            name="resume",
+        ).attach(engine)
 
 
 class WarmStart:
@@ -99,9 +109,13 @@ class WarmStart:
     back), or fine-tuning on new data. List it before ``ResumeHandler``: a checkpoint resumed after it wins.
     """
 
-    def __init__(self, path: str | None, networks: Sequence[torch.nn.Module],
-                 loader: Callable[..., torch.nn.Module] | None = None,
-                 map_location: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        path: str | None,
+        networks: Sequence[torch.nn.Module],
+        loader: Callable[..., torch.nn.Module] | None = None,
+        map_location: str | torch.device | None = None,
+    ) -> None:
         if path and not Path(path).is_file():
             raise MissingFileError(f"{path}: no weights to start from (--init_weights)")
         self.path, self.networks = path, list(networks)
@@ -126,17 +140,30 @@ class TrainingCheckpointSaver:
     artifacts, which it logs when training completes.
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, prefix: str, save_interval: int = 1, n_saved: int = 1,
-                 artifacts: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict,
+        prefix: str,
+        save_interval: int = 1,
+        n_saved: int = 1,
+        artifacts: Sequence[str] = (),
+    ) -> None:
         self.save_dir, self.save_dict, self.prefix = save_dir, save_dict, prefix
         self.save_interval, self.n_saved, self.artifacts = save_interval, n_saved, list(artifacts)
         self.final = Path(save_dir) / f"{prefix}_checkpoint_final.pt"
 
     def attach(self, engine: Engine) -> None:
-        CheckpointSaver(save_dir=self.save_dir,
-                        save_dict={**self.save_dict, "trainer": engine, "amp_scalers": AmpScalers(engine)},
-                        file_prefix=self.prefix, save_interval=self.save_interval, n_saved=self.n_saved,
-                        epoch_level=True, save_final=True, final_filename=self.final.name).attach(engine)
+        CheckpointSaver(
+            save_dir=self.save_dir,
+            save_dict={**self.save_dict, "trainer": engine, "amp_scalers": AmpScalers(engine)},
+            file_prefix=self.prefix,
+            save_interval=self.save_interval,
+            n_saved=self.n_saved,
+            epoch_level=True,
+            save_final=True,
+            final_filename=self.final.name,
+        ).attach(engine)
         engine.add_event_handler(Events.COMPLETED, self.track_artifacts)
 
     def track_artifacts(self, engine: Engine) -> None:
@@ -172,15 +199,23 @@ class ValidationRecord:
         self.stale = 0 if evaluator.state.best_metric_epoch == evaluator.state.epoch else self.stale + 1
         if self.patience and self.stale >= self.patience:
             state = evaluator.state
-            logger.info("no better %s in %d validations (best %.6g at epoch %d): stopping", state.key_metric_name,
-                        self.stale, state.best_metric, state.best_metric_epoch)
+            logger.info(
+                "no better %s in %d validations (best %.6g at epoch %d): stopping",
+                state.key_metric_name,
+                self.stale,
+                state.best_metric,
+                state.best_metric_epoch,
+            )
             self.trainer.terminate()
 
     def state_dict(self) -> dict:
         saved = self.saver._key_metric_checkpoint.state_dict() if self.saver is not None else {}
-        return {"best_metric": float(self.evaluator.state.best_metric),
-                "best_metric_epoch": int(self.evaluator.state.best_metric_epoch), "stale": self.stale,
-                "saved": [[float(p), str(f)] for p, f in saved.get("_saved", [])]}
+        return {
+            "best_metric": float(self.evaluator.state.best_metric),
+            "best_metric_epoch": int(self.evaluator.state.best_metric_epoch),
+            "stale": self.stale,
+            "saved": [[float(p), str(f)] for p, f in saved.get("_saved", [])],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.evaluator.state.best_metric = state["best_metric"]
@@ -226,14 +261,20 @@ class TimeBudget:
         if idist.get_world_size() > 1:
             out_of_time = idist.all_reduce(out_of_time, op="MAX")
         if out_of_time and engine.state.epoch < engine.state.max_epochs:
-            logger.info("time budget of %.0f s: stopping after epoch %d (%.0f s used, an epoch takes up to %.0f s);"
-                        " continue with --resume true", self.max_seconds, engine.state.epoch, now - self.start,
-                        self.longest)
+            logger.info(
+                "time budget of %.0f s: stopping after epoch %d (%.0f s used, an epoch takes up to %.0f s);"
+                " continue with --resume true",
+                self.max_seconds,
+                engine.state.epoch,
+                now - self.start,
+                self.longest,
+            )
             engine.terminate()
 
 
-def load_weights(network: torch.nn.Module, path: str | Path, map_location: str | torch.device = "cpu"
-                 ) -> torch.nn.Module:
+def load_weights(
+    network: torch.nn.Module, path: str | Path, map_location: str | torch.device = "cpu"
+) -> torch.nn.Module:
     """Load a state dict saved by this bundle (``weights_only=True``), with an error naming a missing file."""
     if not Path(path).is_file():
         raise MissingFileError(f"{path}: no weights (train the stage that makes them, or point ckpt_dir at them)")

@@ -24,18 +24,23 @@ from pathlib import Path
 
 import numpy as np
 from monai.data import load_decathlon_datalist
-
+from scripts.errors import InputError, MissingFileError
 from scripts.metrics import MR_MASK_FRACTION, body_mask, mr_scale
 from scripts.volumes import load_volume, save_volume, spacing_of
-from scripts.errors import InputError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
 DEVELOPMENT_VOLUMES = {"lung1_image.nrrd": "ct", "brain1_image.nrrd": "mr", "mni152_t1_1mm.nii.gz": "mr"}
 # The release split of ../shared/data, by volume: two IBSI patients (CT and MR), the 5 mm chest CT (the demo
 # sample's source, so the demo runs on held-out anatomy) and the child-brain MPRAGE (near-1 mm MR) are validation.
-RELEASE_VALIDATION = ("lung1_image.nrrd", "ibsi_sts011_ct.nii.gz", "ibsi_sts011_mr_t1.nii.gz",
-                      "ibsi_sts012_ct.nii.gz", "ibsi_sts012_mr_t1.nii.gz", "mr_t1_brain_child3y_saganon.nii.gz")
+RELEASE_VALIDATION = (
+    "lung1_image.nrrd",
+    "ibsi_sts011_ct.nii.gz",
+    "ibsi_sts011_mr_t1.nii.gz",
+    "ibsi_sts012_ct.nii.gz",
+    "ibsi_sts012_mr_t1.nii.gz",
+    "mr_t1_brain_child3y_saganon.nii.gz",
+)
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -89,8 +94,9 @@ def make_datalist(
     n_test = int(round(test_fraction * len(patients)))
     n_val = int(round(val_fraction * len(patients)))
     if len(patients) - n_test - n_val < 1:
-        raise InputError(f"{len(patients)} patients are too few for val_fraction={val_fraction}, "
-                         f"test_fraction={test_fraction}")
+        raise InputError(
+            f"{len(patients)} patients are too few for val_fraction={val_fraction}, " f"test_fraction={test_fraction}"
+        )
 
     def entries(group: list[str], with_fold: bool) -> list[dict]:
         out = []
@@ -106,8 +112,8 @@ def make_datalist(
         "name": root.name,
         "dataroot": str(root),
         "testing": entries(patients[:n_test], False),
-        "validation": entries(patients[n_test:n_test + n_val], False),
-        "training": entries(patients[n_test + n_val:], True),
+        "validation": entries(patients[n_test : n_test + n_val], False),
+        "training": entries(patients[n_test + n_val :], True),
     }
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(datalist, indent=2))
@@ -132,8 +138,13 @@ def split_regions(
     """
     volumes = volumes or DEVELOPMENT_VOLUMES
     out = Path(output_dir)
-    datalist: dict = {"name": "regions", "dataroot": str(out.resolve()), "training": [], "validation": [],
-                      "split": {"val_fraction": val_fraction, "gap_mm": gap_mm}}
+    datalist: dict = {
+        "name": "regions",
+        "dataroot": str(out.resolve()),
+        "training": [],
+        "validation": [],
+        "split": {"val_fraction": val_fraction, "gap_mm": gap_mm},
+    }
     for name, modality in volumes.items():
         img = load_volume(Path(data_dir) / name)
         v, affine = img.as_tensor()[0], np.asarray(img.affine)
@@ -145,16 +156,18 @@ def split_regions(
         n_gap = int(np.ceil(gap_mm / dz))
         n_train = n - n_val - n_gap
         if n_train < 1:
-            raise InputError(f"{name}: {n} slices of {dz} mm are too few for val_fraction={val_fraction}, "
-                             f"gap_mm={gap_mm}")
+            raise InputError(
+                f"{name}: {n} slices of {dz} mm are too few for val_fraction={val_fraction}, " f"gap_mm={gap_mm}"
+            )
         stem = name.split(".")[0]
         for key, start, stop in (("training", 0, n_train), ("validation", n - n_val, n)):
             slab_affine = affine.copy()
             slab_affine[:3, 3] = (affine @ np.array([0.0, 0.0, start, 1.0]))[:3]
             dtype = "int16" if modality == "ct" else "float32"
             save_volume(v[:, :, start:stop], slab_affine, out / f"{stem}_{key}.nii.gz", dtype=dtype)
-            datalist[key].append({"image": f"{stem}_{key}.nii.gz", "modality": modality, "source": name,
-                                  "slices": [start, stop]})
+            datalist[key].append(
+                {"image": f"{stem}_{key}.nii.gz", "modality": modality, "source": name, "slices": [start, stop]}
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out / "datalist.json").write_text(json.dumps(datalist, indent=2))
     return datalist
@@ -165,8 +178,12 @@ def modality_of(name: str) -> str:
     return "ct" if re.search(r"(_ct\.|^lung)", name) else "mr"
 
 
-def split_release(data_dir: str, output: str, validation: Sequence[str] = RELEASE_VALIDATION,
-                  keep_validation: Sequence[str] | None = None) -> dict:
+def split_release(
+    data_dir: str,
+    output: str,
+    validation: Sequence[str] = RELEASE_VALIDATION,
+    keep_validation: Sequence[str] | None = None,
+) -> dict:
     """The release split of ``data_dir`` by volume (``validation`` by file name, every other image training),
     each entry with its ``modality``, written to ``output`` with an absolute ``dataroot``. ``keep_validation``
     lists only some validation volumes (the others are left out, not trained on): a cheaper validation during
@@ -234,9 +251,9 @@ def patch_fill(datalist: str, patch_size: Sequence[int], key: str = "training") 
 
 def print_patch_fill(datalist: str, patch_size: Sequence[int], key: str = "training") -> None:
     """``python -m scripts.datalist release DATA_DIR datalist.json`` writes the release split of ``../shared/data`` by
-volume (``RELEASE_VALIDATION``).
+    volume (``RELEASE_VALIDATION``).
 
-``python -m scripts.datalist fill``: ``patch_fill`` as a table."""
+    ``python -m scripts.datalist fill``: ``patch_fill`` as a table."""
     fills = patch_fill(datalist, patch_size, key)
     for name, (shape, fill) in fills.items():
         print(f"{name:<36} {str(shape):<18} fill {fill:.2f}")

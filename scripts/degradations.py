@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, RandomizableTransform
-
 from scripts.grid import (
     FWHM_TO_SIGMA,
     apply_along_axis,
@@ -28,8 +27,8 @@ from scripts.grid import (
     profile_matrix,
     thick_axis,
 )
-from scripts.radon import fbp, radon
 from scripts.intensity import item_modality
+from scripts.radon import fbp, radon
 from scripts.volumes import spacing_of
 
 MU_WATER_PER_MM = 0.0193  # linear attenuation of water at ~70 keV effective energy
@@ -137,10 +136,7 @@ def hu_to_mu(hu: torch.Tensor) -> torch.Tensor:
 
 
 def lowdose_sinogram_noise(
-    sinogram: torch.Tensor,
-    dose_fraction: float,
-    photons: float,
-    generator: torch.Generator | None = None,
+    sinogram: torch.Tensor, dose_fraction: float, photons: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Line-integral noise that brings a scan made with ``photons`` per ray down to ``dose_fraction`` of its dose.
 
@@ -232,8 +228,13 @@ class ByModalityd(Randomizable, MapTransform):
     that CT and MR volumes in one datalist get their own degradations: low-dose CT noise only on CT, Rician
     noise and k-space truncation only on MR."""
 
-    def __init__(self, keys: KeysCollection, transforms: Mapping[str, Callable], default_modality: str = "ct",
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        transforms: Mapping[str, Callable],
+        default_modality: str = "ct",
+        allow_missing_keys: bool = False,
+    ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.transforms = {str(k).lower(): t for k, t in transforms.items()}
         self.default_modality = default_modality

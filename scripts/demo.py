@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import MetaTensor
-
 from scripts.baseline_report import degrade_for_task, restore_all
 from scripts.baselines import resample
 from scripts.enhance import enhance_volume
@@ -33,10 +32,19 @@ WINDOW = (-1000.0, 600.0)
 TASKS = {"ct_sr_5to10mm": "SR 10 mm -> 5 mm", "ct_lowdose_quarter": "quarter-dose denoising"}
 
 
-def run_demo(sample: str, output_dir: str, seed: int = 0, ckpt_dir: str = "models",
-             network_configs: Sequence[str] = ("configs/inference.json",), num_inference_steps: int = 10,
-             sliding_window: dict | None = None, strength: float = 1.0, residual_decoding: bool = False,
-             consistency: bool = False, amp: bool = True) -> dict:
+def run_demo(
+    sample: str,
+    output_dir: str,
+    seed: int = 0,
+    ckpt_dir: str = "models",
+    network_configs: Sequence[str] = ("configs/inference.json",),
+    num_inference_steps: int = 10,
+    sliding_window: dict | None = None,
+    strength: float = 1.0,
+    residual_decoding: bool = False,
+    consistency: bool = False,
+    amp: bool = True,
+) -> dict:
     """Run both demo tasks on ``sample`` (a CT in HU) and write everything to ``output_dir``; the networks of
     ``network_configs`` with the weights in ``ckpt_dir`` run too when those weights exist, with the main job's
     ``strength``, ``residual_decoding`` and data ``consistency`` (``configs/demo.json`` takes them from
@@ -47,42 +55,64 @@ def run_demo(sample: str, output_dir: str, seed: int = 0, ckpt_dir: str = "model
     affine, x = np.asarray(ref.affine), ref.as_tensor()[0]
     networks = load_networks(network_configs, ckpt_dir, "cpu")
     # the regression override right after the main config, so that later size overrides still apply
-    regression = load_networks([network_configs[0], "configs/inference_regression.json", *network_configs[1:]],
-                               ckpt_dir, "cpu")
+    regression = load_networks(
+        [network_configs[0], "configs/inference_regression.json", *network_configs[1:]], ckpt_dir, "cpu"
+    )
     report: dict[str, dict] = {}
     lines = [""]
     if networks is None and regression is None:
-        lines += [f"CLASSICAL BASELINE ONLY: no trained weights in {ckpt_dir}; these are interpolation and denoising",
-                  "filters (Gaussian sigma and NLM h tuned against the reference), the numbers a network must beat."]
+        lines += [
+            f"CLASSICAL BASELINE ONLY: no trained weights in {ckpt_dir}; these are interpolation and denoising",
+            "filters (Gaussian sigma and NLM h tuned against the reference), the numbers a network must beat.",
+        ]
     if regression is not None:
         lines += [f"regression: the regression stage (stage A), weights from {ckpt_dir}"]
     if networks is None and regression is not None:
-        lines += [f"ours (latent diffusion + ControlNet): no weights in {ckpt_dir} yet; classical filters tuned "
-                  "against the reference"]
+        lines += [
+            f"ours (latent diffusion + ControlNet): no weights in {ckpt_dir} yet; classical filters tuned "
+            "against the reference"
+        ]
     elif networks is not None:
-        lines += [f"ours: latent diffusion + ControlNet, weights from {ckpt_dir}, {num_inference_steps} DDIM steps at "
-                  f"strength {float(strength):g}, residual decoding {flag(residual_decoding)}, data consistency "
-                  f"{flag(consistency)}, seed {seed}; classical filters tuned against the reference"]
-    lines += [f"sample: {sample}  grid {tuple(x.shape)}  spacing {spacing_of(affine).round(3).tolist()} mm",
-              f"{'task':<20} {'method':<18} {'PSNR dB':>8} {'SSIM':>7} {'HU-MAE body':>12} {'seconds':>8}"]
+        lines += [
+            f"ours: latent diffusion + ControlNet, weights from {ckpt_dir}, {num_inference_steps} DDIM steps at "
+            f"strength {float(strength):g}, residual decoding {flag(residual_decoding)}, data consistency "
+            f"{flag(consistency)}, seed {seed}; classical filters tuned against the reference"
+        ]
+    lines += [
+        f"sample: {sample}  grid {tuple(x.shape)}  spacing {spacing_of(affine).round(3).tolist()} mm",
+        f"{'task':<20} {'method':<18} {'PSNR dB':>8} {'SSIM':>7} {'HU-MAE body':>12} {'seconds':>8}",
+    ]
     for task, title in TASKS.items():
         y, y_aff = degrade_for_task(task, x, affine, seed)
         save_volume(y, y_aff, out / f"{task}_input.nii.gz", dtype="int16")
         restored = restore_all(task, y, y_aff, spacing_of(affine))
         if regression is not None:
             t0 = time.perf_counter()
-            v, _, _, _ = enhance_volume(MetaTensor(y[None], affine=torch.as_tensor(y_aff)), regression,
-                                        spacing_of(affine).tolist(), "ct", sliding_window=sliding_window,
-                                        method="regression", amp=flag(amp, "amp"))
+            v, _, _, _ = enhance_volume(
+                MetaTensor(y[None], affine=torch.as_tensor(y_aff)),
+                regression,
+                spacing_of(affine).tolist(),
+                "ct",
+                sliding_window=sliding_window,
+                method="regression",
+                amp=flag(amp, "amp"),
+            )
             restored["regression"] = (v[0], time.perf_counter() - t0)
         if networks is not None:
             t0 = time.perf_counter()
-            v, _, out_affine, _ = enhance_volume(MetaTensor(y[None], affine=torch.as_tensor(y_aff)), networks,
-                                                 spacing_of(affine).tolist(), "ct", num_inference_steps, seed,
-                                                 sliding_window=sliding_window, strength=float(strength),
-                                                 residual_decoding=flag(residual_decoding, "residual_decoding"),
-                                                 consistency=flag(consistency, "data_consistency"),
-                                                 amp=flag(amp, "amp"))
+            v, _, out_affine, _ = enhance_volume(
+                MetaTensor(y[None], affine=torch.as_tensor(y_aff)),
+                networks,
+                spacing_of(affine).tolist(),
+                "ct",
+                num_inference_steps,
+                seed,
+                sliding_window=sliding_window,
+                strength=float(strength),
+                residual_decoding=flag(residual_decoding, "residual_decoding"),
+                consistency=flag(consistency, "data_consistency"),
+                amp=flag(amp, "amp"),
+            )
             if v[0].shape != x.shape or not np.allclose(out_affine, affine, atol=1e-4):
                 raise RuntimeError(f"{task}: the enhanced grid {tuple(v[0].shape)} does not match the reference's")
             restored["ours"] = (v[0], time.perf_counter() - t0)
@@ -93,16 +123,31 @@ def run_demo(sample: str, output_dir: str, seed: int = 0, ckpt_dir: str = "model
         methods = [best, *[m for m in ("regression", "ours") if m in results]]
         for m in methods:
             save_volume(results[m]["volume"], affine, out / f"{task}_{m.replace(' ', '_')}.nii.gz", dtype="int16")
-        panels = {"input" if y.shape == x.shape else "input (trilinear)": shown,
-                  **{m: results[m]["volume"] for m in methods}, "reference": x}
-        montage(panels, affine, out / f"{task}.png", WINDOW, difference=(methods[-1], "reference"),
-                title=f"{title}: " + (f"{' and '.join(methods[1:])} and the best classical method" if methods[1:]
-                                      else f"classical baseline ({best})"))
+        panels = {
+            "input" if y.shape == x.shape else "input (trilinear)": shown,
+            **{m: results[m]["volume"] for m in methods},
+            "reference": x,
+        }
+        montage(
+            panels,
+            affine,
+            out / f"{task}.png",
+            WINDOW,
+            difference=(methods[-1], "reference"),
+            title=f"{title}: "
+            + (
+                f"{' and '.join(methods[1:])} and the best classical method"
+                if methods[1:]
+                else f"classical baseline ({best})"
+            ),
+        )
         report[task] = {m: {"metrics": r["metrics"], "seconds": r["seconds"]} for m, r in results.items()}
         for m, r in results.items():
             k = r["metrics"]
-            lines.append(f"{task:<20} {m:<18} {k['psnr']:8.2f} {k['ssim']:7.4f} {k['hu_mae_body']:12.2f} "
-                         f"{r['seconds']:8.2f}" + ("  <- best classical" if m == best else ""))
+            lines.append(
+                f"{task:<20} {m:<18} {k['psnr']:8.2f} {k['ssim']:7.4f} {k['hu_mae_body']:12.2f} "
+                f"{r['seconds']:8.2f}" + ("  <- best classical" if m == best else "")
+            )
     lines.append(f"outputs and montages in {out}/")
     print("\n".join(lines))
     (out / "demo_report.json").write_text(json.dumps(report, indent=2))
@@ -115,7 +160,7 @@ def make_sample(lung1: str, output: str, first_slice: int = 12, n_slices: int = 
     The whole axial field of view is kept, because projection-domain noise depends on the whole cross-section.
     """
     img = load_volume(lung1)
-    v = img.as_tensor()[0, :, :, first_slice:first_slice + n_slices]
+    v = img.as_tensor()[0, :, :, first_slice : first_slice + n_slices]
     v = torch.nn.functional.avg_pool2d(v.permute(2, 0, 1)[:, None], 2)[:, 0].permute(1, 2, 0)
     aff = np.asarray(img.affine) @ np.diag([2.0, 2.0, 1.0, 1.0])
     aff[:3, 3] = (np.asarray(img.affine) @ np.array([0.5, 0.5, first_slice, 1.0]))[:3]

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from scipy import ndimage
 import torch
 from monai.data import MetaTensor
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
-
-from scripts.volumes import VolumeError, check_volume, load_volume, save_volume
+from scipy import ndimage
 from scripts.errors import OutputExistsError
+from scripts.volumes import VolumeError, check_volume, load_volume, save_volume
 
 logger = logging.getLogger(__name__)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -64,9 +63,7 @@ def list_series(folder: str | Path) -> dict[str, dict]:
 
 
 def _describe(series: dict[str, dict]) -> str:
-    return "\n".join(
-        f"  {uid}: {s['modality']} '{s['description']}', {s['files']} files" for uid, s in series.items()
-    )
+    return "\n".join(f"  {uid}: {s['modality']} '{s['description']}', {s['files']} files" for uid, s in series.items())
 
 
 def read_series(folder: str | Path, series_uid: str | None = None) -> MetaTensor:
@@ -150,7 +147,14 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> MetaTensor
         logger.info(
             "%s: gantry tilt of %.2f degrees in series %s: resampled (linear, in-plane) onto the orthogonal grid "
             "%s that covers the acquired slices, %.4g x %.4g mm in-plane, %.4g mm slice step along the slice normal",
-            folder, tilt, series_uid, "x".join(map(str, data.shape)), col_mm, row_mm, spacing_z)
+            folder,
+            tilt,
+            series_uid,
+            "x".join(map(str, data.shape)),
+            col_mm,
+            row_mm,
+            spacing_z,
+        )
     lps = np.eye(4)
     lps[:3, 0] = row_dir * col_mm
     lps[:3, 1] = col_dir * row_mm
@@ -170,8 +174,9 @@ def read_series(folder: str | Path, series_uid: str | None = None) -> MetaTensor
     return MetaTensor(torch.as_tensor(data)[None], meta=meta)
 
 
-def untilt(data: np.ndarray, positions: np.ndarray, row_dir: np.ndarray, col_dir: np.ndarray, col_mm: float,
-           row_mm: float) -> tuple[np.ndarray, np.ndarray]:
+def untilt(
+    data: np.ndarray, positions: np.ndarray, row_dir: np.ndarray, col_dir: np.ndarray, col_mm: float, row_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
     """A gantry-tilted (sheared) stack of slices ``(X, Y, Z)``, sorted along the normal, on the orthogonal grid.
 
     Slice ``k`` sits ``positions[k]`` (LPS); its in-plane offset from the first slice is removed by shifting it back
@@ -194,17 +199,33 @@ def untilt(data: np.ndarray, positions: np.ndarray, row_dir: np.ndarray, col_dir
 
 
 # Tags of the source slice that no longer describe a derived slice on a new grid.
-STALE_TAGS = ("SliceLocation", "GantryDetectorTilt", "SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingValue",
-              "SmallestPixelValueInSeries", "LargestPixelValueInSeries", "ReferencedImageSequence",
-              "SourceImageSequence", "WindowCenter", "WindowWidth", "NumberOfFrames", "PixelData",
-              "PlanarConfiguration", "LossyImageCompression")
+STALE_TAGS = (
+    "SliceLocation",
+    "GantryDetectorTilt",
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "PixelPaddingValue",
+    "SmallestPixelValueInSeries",
+    "LargestPixelValueInSeries",
+    "ReferencedImageSequence",
+    "SourceImageSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "NumberOfFrames",
+    "PixelData",
+    "PlanarConfiguration",
+    "LossyImageCompression",
+)
 SOP_CLASS = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
 
 
 def series_template(folder: str | Path, series_uid: str | None = None) -> pydicom.Dataset:
     """The header (no pixels) of the first slice of a series: its patient and study tags seed a derived series."""
-    headers = [(f, ds) for f, ds in _headers(Path(folder))
-               if series_uid is None or str(ds.get("SeriesInstanceUID", "")) == series_uid]
+    headers = [
+        (f, ds)
+        for f, ds in _headers(Path(folder))
+        if series_uid is None or str(ds.get("SeriesInstanceUID", "")) == series_uid
+    ]
     if not headers:
         raise VolumeError(f"{folder}: no DICOM slice of series {series_uid or '(any)'} to copy tags from")
     return headers[0][1]

@@ -15,11 +15,10 @@ from monai.inferers import LatentDiffusionInferer
 from monai.networks.schedulers import Scheduler
 from monai.transforms import MapTransform
 from monai.visualize import plot_2d_or_3d_image
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.tensorboard import SummaryWriter
-
 from scripts.autoencoder import load_autoencoder_weights
 from scripts.options import flag
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.tensorboard import SummaryWriter
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +27,9 @@ class LoadLatentd(MapTransform):
     """Load a ``*_latent.pt`` written by ``prepare_latents`` into ``output_key``, multiplied by ``scale_factor``
     (1/std of the latents, so the diffusion model sees unit variance)."""
 
-    def __init__(self, keys: KeysCollection, scale_factor: float, output_key: str = "image",
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, scale_factor: float, output_key: str = "image", allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.scale_factor, self.output_key = float(scale_factor), output_key
 
@@ -73,8 +73,9 @@ class FixedDiffusionPrepareBatch(DiffusionPrepareBatch):
         return torch.full((images.shape[0],), self.timestep, dtype=torch.long, device=images.device)
 
 
-def controlnet_from_prior(controlnet: torch.nn.Module, diffusion: torch.nn.Module,
-                          zero_condition_embedding: bool = True) -> torch.nn.Module:
+def controlnet_from_prior(
+    controlnet: torch.nn.Module, diffusion: torch.nn.Module, zero_condition_embedding: bool = True
+) -> torch.nn.Module:
     """Start the ControlNet from the prior's encoder weights (the ControlNet recipe); its zero-initialised
     output convolutions make it a no-op at first.
 
@@ -114,8 +115,9 @@ class ControlledDenoiser(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         down, mid = self.controlnet(x=x, timesteps=timesteps, controlnet_cond=condition)
-        return self.diffusion(x=x, timesteps=timesteps, down_block_additional_residuals=down,
-                              mid_block_additional_residual=mid)
+        return self.diffusion(
+            x=x, timesteps=timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        )
 
 
 class PriorSampleHandler:
@@ -126,9 +128,18 @@ class PriorSampleHandler:
     The autoencoder's weights are read from ``autoencoder_path`` when the handler is attached; without them it
     logs a warning and is not attached."""
 
-    def __init__(self, diffusion: torch.nn.Module, autoencoder_def: torch.nn.Module, autoencoder_path: str,
-                 scheduler: Scheduler, scale_factor: float, latent_shape: Sequence[int], log_dir: str,
-                 num_inference_steps: int = 25, seed: int = 0) -> None:
+    def __init__(
+        self,
+        diffusion: torch.nn.Module,
+        autoencoder_def: torch.nn.Module,
+        autoencoder_path: str,
+        scheduler: Scheduler,
+        scale_factor: float,
+        latent_shape: Sequence[int],
+        log_dir: str,
+        num_inference_steps: int = 25,
+        seed: int = 0,
+    ) -> None:
         self.diffusion, self.autoencoder, self.autoencoder_path = diffusion, autoencoder_def, autoencoder_path
         scheduler.set_timesteps(num_inference_steps)
         self.inferer = LatentDiffusionInferer(scheduler, scale_factor=float(scale_factor))
@@ -150,6 +161,7 @@ class PriorSampleHandler:
         self.diffusion.eval()
         image = self.inferer.sample(noise.to(engine.state.device), self.autoencoder, self.diffusion, verbose=False)
         self.diffusion.train(was_training)
-        plot_2d_or_3d_image(image.float().cpu(), step=engine.state.epoch, writer=self.writer, frame_dim=-1,
-                            tag="prior_sample")
+        plot_2d_or_3d_image(
+            image.float().cpu(), step=engine.state.epoch, writer=self.writer, frame_dim=-1, tag="prior_sample"
+        )
         self.writer.flush()

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from monai.inferers import Inferer
-
 from scripts.options import flag
 
 
@@ -60,8 +59,9 @@ def to_float(out: Any) -> Any:
     return out
 
 
-def run_network(network: Callable, x: torch.Tensor, device: torch.device | str, amp: bool | str, *args: Any,
-                **kwargs: Any) -> Any:
+def run_network(
+    network: Callable, x: torch.Tensor, device: torch.device | str, amp: bool | str, *args: Any, **kwargs: Any
+) -> Any:
     """``network(x, ...)`` under ``autocast`` (channels-last input for bfloat16 on a CPU), returned in float32."""
     if cpu_bf16(device, amp):
         x = channels_last(x)

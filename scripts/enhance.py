@@ -24,8 +24,6 @@ from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import AutoencoderKL
 from monai.networks.schedulers import Scheduler
-from tqdm import tqdm
-
 from scripts.autoencoder import (
     decode_volume,
     downsample_factors,
@@ -36,14 +34,15 @@ from scripts.autoencoder import (
     tiled_apply,
 )
 from scripts.baselines import resample
-from scripts.diffusion import ControlledDenoiser, unet_divisor
 from scripts.dicom import new_template, series_template, write_series
+from scripts.diffusion import ControlledDenoiser, unet_divisor
+from scripts.engine import autocast, run_network
+from scripts.errors import InputError, OutputExistsError
 from scripts.grid import apply_along_axis, axis_positions, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
-from scripts.engine import autocast, run_network
 from scripts.options import flag
 from scripts.volumes import load_volume, save_volume, spacing_of
-from scripts.errors import InputError, OutputExistsError
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +141,9 @@ def sample_latent(
     z = torch.randn((1, latent_channels, *cond.shape[2:]), generator=generator).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
     if 0 < strength < 1 and start is None and (per_axis(fold, int) != [1, 1, 1] or cond.shape[1] != latent_channels):
-        raise InputError("--strength: below 1 it starts from the encoded input: give it as start, or use encode_condition")
+        raise InputError(
+            "--strength: below 1 it starts from the encoded input: give it as start, or use encode_condition"
+        )
     timesteps, z = start_steps(scheduler, z, cond if start is None else start.to(device), strength)
 
     def predict(window: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -150,14 +151,14 @@ def sample_latent(
         return run_network(denoiser, zw, device, amp, t.reshape(1).to(device), cw)
 
     for t in tqdm(timesteps, desc="denoising steps", disable=not progress):
-        noise_pred = tiled_apply(lambda w: predict(w, t), torch.cat([z, cond], 1), roi_size, 1.0, overlap, halo,
-                                 unit)
+        noise_pred = tiled_apply(lambda w: predict(w, t), torch.cat([z, cond], 1), roi_size, 1.0, overlap, halo, unit)
         z, _ = scheduler.step(noise_pred, int(t), z)
     return z
 
 
-def start_steps(scheduler, noise: torch.Tensor, latent: torch.Tensor | None, strength: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def start_steps(
+    scheduler, noise: torch.Tensor, latent: torch.Tensor | None, strength: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The timesteps to run (the scheduler's, set beforehand) and the latent to start from: all of them from
     ``noise`` for ``strength`` 1, else the last ``strength`` fraction from ``latent`` noised to the first of them
     (SDEdit). ``latent`` is only read when ``strength < 1``."""
@@ -166,7 +167,7 @@ def start_steps(scheduler, noise: torch.Tensor, latent: torch.Tensor | None, str
     timesteps = scheduler.timesteps
     if strength == 1:
         return timesteps, noise
-    timesteps = timesteps[len(timesteps) - max(1, round(len(timesteps) * strength)):]
+    timesteps = timesteps[len(timesteps) - max(1, round(len(timesteps) * strength)) :]
     return timesteps, scheduler.add_noise(original_samples=latent, noise=noise, timesteps=timesteps[:1])
 
 
@@ -226,8 +227,11 @@ def enhance_volume(
     if networks.get("regression") is not None:  # two-stage: the ControlNet restores regression's output
         x = regress(networks["regression"], x, sw, device, amp, progress)
     ae: AutoencoderKL = networks["autoencoder"].eval()
-    denoiser = (networks["denoiser"] if "denoiser" in networks
-                else ControlledDenoiser(networks["diffusion"], networks["controlnet"])).eval()
+    denoiser = (
+        networks["denoiser"]
+        if "denoiser" in networks
+        else ControlledDenoiser(networks["diffusion"], networks["controlnet"])
+    ).eval()
     unit = unet_divisor(networks["diffusion"]) if "diffusion" in networks else int(networks["latent_multiple"])
     padded, crop = pad_for(ae, x, unit)
     window = latent_roi(ae, sw["roi_size"])
@@ -244,9 +248,22 @@ def enhance_volume(
     samples = []
     for k in range(max(1, int(num_samples))):
         gen = torch.Generator().manual_seed(int(seed) + k)
-        z = sample_latent(denoiser, networks["scheduler"], padded,
-                          ae.latent_channels, fold, num_inference_steps, gen, window, sw["sampling_overlap"],
-                          progress=progress, unit=unit, strength=strength, start=start, amp=amp)
+        z = sample_latent(
+            denoiser,
+            networks["scheduler"],
+            padded,
+            ae.latent_channels,
+            fold,
+            num_inference_steps,
+            gen,
+            window,
+            sw["sampling_overlap"],
+            progress=progress,
+            unit=unit,
+            strength=strength,
+            start=start,
+            amp=amp,
+        )
         decoded = decode_volume(ae, z / networks["scale_factor"], window, sw["overlap"], progress=progress)
         if base is not None:
             decoded = image_in + decoded.float() - base
@@ -260,12 +277,23 @@ def enhance_volume(
 
 
 @torch.no_grad()
-def regress(peer: torch.nn.Module, x: torch.Tensor, sliding_window: dict, device: torch.device, amp: bool = False,
-            progress: bool = False) -> torch.Tensor:
+def regress(
+    peer: torch.nn.Module,
+    x: torch.Tensor,
+    sliding_window: dict,
+    device: torch.device,
+    amp: bool = False,
+    progress: bool = False,
+) -> torch.Tensor:
     """The regression network over a normalised ``(1, 1, X, Y, Z)`` volume with MONAI's Gaussian-weighted sliding
     window (``sliding_window``'s ``roi_size`` and ``overlap``); float32 out."""
-    inferer = SlidingWindowInferer(sliding_window["roi_size"], sw_batch_size=1, overlap=sliding_window["overlap"],
-                                   mode="gaussian", progress=progress)
+    inferer = SlidingWindowInferer(
+        sliding_window["roi_size"],
+        sw_batch_size=1,
+        overlap=sliding_window["overlap"],
+        mode="gaussian",
+        progress=progress,
+    )
     peer = peer.eval()
     return inferer(x, lambda t: run_network(peer, t, device, amp)).float()
 
@@ -342,17 +370,31 @@ def enhance(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     image = load_volume(input_image, series_uid=series_uid)
-    mean, std, affine, modality = enhance_volume(image, networks, target_spacing, modality, num_inference_steps,
-                                                 seed, num_samples, sliding_window, device, method=method,
-                                                 consistency=consistency, strength=strength,
-                                                 residual_decoding=residual_decoding, amp=amp)
+    mean, std, affine, modality = enhance_volume(
+        image,
+        networks,
+        target_spacing,
+        modality,
+        num_inference_steps,
+        seed,
+        num_samples,
+        sliding_window,
+        device,
+        method=method,
+        consistency=consistency,
+        strength=strength,
+        residual_decoding=residual_decoding,
+        amp=amp,
+    )
     outputs = {}
     try:
         if output_dicom:
-            template = (series_template(input_image, series_uid) if Path(input_image).is_dir()
-                        else new_template(modality))
-            write_series(mean, affine, template, output_dicom, description=DICOM_DESCRIPTION,
-                         integer_values=modality == "ct")
+            template = (
+                series_template(input_image, series_uid) if Path(input_image).is_dir() else new_template(modality)
+            )
+            write_series(
+                mean, affine, template, output_dicom, description=DICOM_DESCRIPTION, integer_values=modality == "ct"
+            )
             outputs["dicom"] = str(output_dicom)
         save_volume(mean, affine, output_image, dtype=_output_dtype(modality))
         outputs["output"] = str(output_image)
@@ -368,12 +410,26 @@ def enhance(
                 Path(path).unlink(missing_ok=True)
         raise
     seconds = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    logger.info("enhanced %s -> %s in %.1f s, peak %s memory %.2f GiB", input_image, output_image, seconds,
-                "GPU" if torch.cuda.is_available() else "process", peak)
-    return {**outputs, "seconds": seconds, "modality": modality, "shape": list(mean.shape),
-            "spacing": spacing_of(affine).tolist()}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if torch.cuda.is_available()
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
+    logger.info(
+        "enhanced %s -> %s in %.1f s, peak %s memory %.2f GiB",
+        input_image,
+        output_image,
+        seconds,
+        "GPU" if torch.cuda.is_available() else "process",
+        peak,
+    )
+    return {
+        **outputs,
+        "seconds": seconds,
+        "modality": modality,
+        "shape": list(mean.shape),
+        "spacing": spacing_of(affine).tolist(),
+    }
 
 
 def enhance_datalist(
@@ -418,8 +474,11 @@ def enhance_datalist(
 
 def run(input_image: str = "", output_image: str = "", datalist: str = "", output_dir: str = "", **kwargs):
     """The bundle's entry point: one volume (``input_image`` -> ``output_image``) or batch mode (``datalist``)."""
-    for key, option in (("consistency", "data_consistency"), ("residual_decoding", "residual_decoding"),
-                        ("amp", "amp")):
+    for key, option in (
+        ("consistency", "data_consistency"),
+        ("residual_decoding", "residual_decoding"),
+        ("amp", "amp"),
+    ):
         if key in kwargs:
             kwargs[key] = flag(kwargs[key], option)
     if datalist:
@@ -431,4 +490,3 @@ def run(input_image: str = "", output_image: str = "", datalist: str = "", outpu
     if not input_image or not output_image:
         raise InputError("--input_image, --output_image: give both (or --datalist and --output_dir)")
     return enhance(input_image, output_image, **kwargs)
-

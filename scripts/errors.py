@@ -16,7 +16,15 @@ import os
 import sys
 from types import TracebackType
 
-__all__ = ["UserError", "InputError", "MissingFileError", "OutputExistsError", "user_error", "install", "EXIT_USER_ERROR"]
+__all__ = [
+    "UserError",
+    "InputError",
+    "MissingFileError",
+    "OutputExistsError",
+    "user_error",
+    "install",
+    "EXIT_USER_ERROR",
+]
 
 EXIT_USER_ERROR = 2
 

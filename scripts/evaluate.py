@@ -14,7 +14,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
 from scripts.baselines import resample
 from scripts.figures import montage
 from scripts.metrics import CT_WINDOW, mr_scale, score
@@ -69,15 +68,27 @@ def evaluate(cases: str | list[dict], output_dir: str, modality: str = "ct", mon
                     inp, _ = resample(inp, np.asarray(inp.affine), spacing_of(ref.affine), "trilinear")
                 panels["input"] = inp
             panels.update({"output": pred, "reference": ref})
-            montage(panels, np.asarray(ref.affine), out / f"{name}.png", display_window(ref.numpy(), modality),
-                    difference=("output", "reference"), title=f"{name} ({row['method'] or 'output'})")
+            montage(
+                panels,
+                np.asarray(ref.affine),
+                out / f"{name}.png",
+                display_window(ref.numpy(), modality),
+                difference=("output", "reference"),
+                title=f"{name} ({row['method'] or 'output'})",
+            )
     summary = defaultdict(list)
     for r in rows:
         summary[r["method"]].append(r)
-    means = {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0] if isinstance(rs[0][k], float)}
-             for m, rs in summary.items()}
-    report = {"modality": modality, "ct_window": CT_WINDOW if modality == "ct" else None, "cases": rows,
-              "mean_by_method": means}
+    means = {
+        m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0] if isinstance(rs[0][k], float)}
+        for m, rs in summary.items()
+    }
+    report = {
+        "modality": modality,
+        "ct_window": CT_WINDOW if modality == "ct" else None,
+        "cases": rows,
+        "mean_by_method": means,
+    }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     with open(out / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

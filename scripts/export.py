@@ -20,7 +20,6 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import save_net_with_metadata
 from monai.networks.nets import AutoencoderKL
-
 from scripts.diffusion import ControlledDenoiser
 from scripts.enhance import ROOT, inference_parser
 
@@ -87,14 +86,23 @@ def denoiser(ckpt_dir: str = "models", filepath: str = "models/denoiser.ts", con
     net = ControlledDenoiser(nets["diffusion"], nets["controlnet"]).eval()
     latent = parser.get_parsed_content("denoiser_example_shape")
     factor = 2 ** (len(parser["autoencoder_def"]["channels"]) - 1)
-    condition = (torch.randn(1, *latent) if parser.get_parsed_content("encode_condition")
-                 else torch.rand(1, 1, *[s * factor for s in latent[1:]]))
+    condition = (
+        torch.randn(1, *latent)
+        if parser.get_parsed_content("encode_condition")
+        else torch.rand(1, 1, *[s * factor for s in latent[1:]])
+    )
     example = (torch.randn(1, *latent), torch.tensor([500]), condition)
     with torch.no_grad():
         traced = torch.jit.trace(net, example, check_trace=False)
     extra = {Path(f).name: json.dumps(ConfigParser.load_config_file(ROOT / f)).encode() for f in files}
-    save_net_with_metadata(traced, filepath, include_config_vals=False, append_timestamp=False,
-                           meta_values=parser.get("_meta_"), more_extra_files=extra)
+    save_net_with_metadata(
+        traced,
+        filepath,
+        include_config_vals=False,
+        append_timestamp=False,
+        meta_values=parser.get("_meta_"),
+        more_extra_files=extra,
+    )
     return filepath
 
 

@@ -16,7 +16,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from scripts.volumes import spacing_of  # noqa: E402
 
 
@@ -86,8 +85,15 @@ def training_curves(runs: Mapping[str, str | os.PathLike], path: str | os.PathLi
         train = "train_loss" if "train_loss" in tags else "loss"
         if train not in tags:
             raise ValueError(f"{folder}: no training loss in the TensorBoard logs (scalars: {tags})")
-        rows.append((name, {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in [train, *sorted(
-            t for t in tags if t.startswith("val_"))]}))
+        rows.append(
+            (
+                name,
+                {
+                    t: [(e.step, e.value) for e in acc.Scalars(t)]
+                    for t in [train, *sorted(t for t in tags if t.startswith("val_"))]
+                },
+            )
+        )
     ncol = max(len(series) for _, series in rows)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(4.0 * ncol, 2.8 * len(rows)), squeeze=False)
     for r, (name, series) in enumerate(rows):
@@ -97,7 +103,7 @@ def training_curves(runs: Mapping[str, str | os.PathLike], path: str | os.PathLi
             if c == 0:
                 ax.plot(steps, values, lw=0.5, alpha=0.4, color="C0")
                 k = min(25, len(values))
-                ax.plot(steps[k - 1:], np.convolve(values, np.ones(k) / k, mode="valid"), color="C0")
+                ax.plot(steps[k - 1 :], np.convolve(values, np.ones(k) / k, mode="valid"), color="C0")
                 ax.set_xlabel("iteration")
                 ax.set_yscale("log")
             else:

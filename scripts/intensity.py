@@ -15,7 +15,6 @@ from collections.abc import Hashable, Mapping
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
-
 from scripts.metrics import MR_PERCENTILE
 
 CT_OFFSET, CT_SCALE = -1000.0, 2000.0
@@ -80,7 +79,8 @@ class NormalizeIntensityd(MapTransform):
         d = dict(data)
         keys = list(self.key_iterator(d))
         params = d.get(f"{keys[0]}_intensity") or intensity_params(
-            d[keys[0]], item_modality(d, keys[0], self.default_modality))
+            d[keys[0]], item_modality(d, keys[0], self.default_modality)
+        )
         for key in keys:
             d[key] = normalize(d[key], params)
             d[f"{key}_intensity"] = dict(params)
@@ -90,8 +90,9 @@ class NormalizeIntensityd(MapTransform):
 class ToOriginalUnitsd(MapTransform):
     """Undo ``NormalizeIntensityd`` on ``keys`` with the parameters stored under ``params_key`` (post-processing)."""
 
-    def __init__(self, keys: KeysCollection, params_key: str = "image_intensity",
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, params_key: str = "image_intensity", allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.params_key = params_key
 

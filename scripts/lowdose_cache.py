@@ -21,11 +21,10 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
-from tqdm import tqdm
-
 from scripts.datalist import read_datalist
 from scripts.degradations import DEFAULT_PHOTONS, RandLowDoseCTd, lowdose_ct
 from scripts.volumes import load_volume, spacing_of
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 NOISE_KEY = "lowdose_noise"
@@ -45,9 +44,16 @@ def build_cache(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw = json.loads(Path(datalist).read_text())
-    params = {"source_datalist": str(Path(datalist).resolve()), "doses": [float(d) for d in doses],
-              "realizations": int(realizations), "photons": float(photons), "n_views": int(n_views),
-              "window": window, "seed": int(seed), "files": []}
+    params = {
+        "source_datalist": str(Path(datalist).resolve()),
+        "doses": [float(d) for d in doses],
+        "realizations": int(realizations),
+        "photons": float(photons),
+        "n_views": int(n_views),
+        "window": window,
+        "seed": int(seed),
+        "files": [],
+    }
     new = {**raw, "dataroot": None}
     for key in ("training", "validation"):
         if not raw.get(key):
@@ -63,16 +69,32 @@ def build_cache(
                 stem = Path(item["image"]).name.split(".")[0]
                 for d in doses:
                     for r in range(int(realizations)):
-                        s = int(seed) + 1000 * index + 100 * r + int(round(1000 * d)) + (0 if key == "training"
-                                                                                          else 500_000)
+                        s = (
+                            int(seed)
+                            + 1000 * index
+                            + 100 * r
+                            + int(round(1000 * d))
+                            + (0 if key == "training" else 500_000)
+                        )
                         t = time.time()
-                        noise = lowdose_ct(hu, spacing, float(d), photons, n_views, window,
-                                           torch.Generator().manual_seed(s)) - hu
+                        noise = (
+                            lowdose_ct(
+                                hu, spacing, float(d), photons, n_views, window, torch.Generator().manual_seed(s)
+                            )
+                            - hu
+                        )
                         path = out / f"{stem}_dose{d:g}_r{r}.npy"
                         np.save(path, noise.numpy().astype(np.float16))
                         item["lowdose"].append({"dose_fraction": float(d), "noise": str(path.resolve())})
-                        params["files"].append({"image": item["image"], "dose_fraction": float(d), "seed": s,
-                                                "noise": path.name, "seconds": round(time.time() - t, 1)})
+                        params["files"].append(
+                            {
+                                "image": item["image"],
+                                "dose_fraction": float(d),
+                                "seed": s,
+                                "noise": path.name,
+                                "seconds": round(time.time() - t, 1),
+                            }
+                        )
             new[key].append(item)
     (out / "params.json").write_text(json.dumps(params, indent=2))
     (out / "datalist.json").write_text(json.dumps(new, indent=2))
@@ -99,8 +121,10 @@ class LoadLowDoseNoised(Randomizable, MapTransform):
             img = d[key]
             noise = torch.from_numpy(np.load(pick["noise"]).astype(np.float32))[None]
             if tuple(noise.shape) != tuple(img.shape):
-                raise ValueError(f"{pick['noise']}: noise of shape {tuple(noise.shape)} does not match the image "
-                                 f"{tuple(img.shape)}; rebuild the cache (python -m scripts.lowdose_cache)")
+                raise ValueError(
+                    f"{pick['noise']}: noise of shape {tuple(noise.shape)} does not match the image "
+                    f"{tuple(img.shape)}; rebuild the cache (python -m scripts.lowdose_cache)"
+                )
             d[NOISE_KEY] = MetaTensor(noise, meta=dict(getattr(img, "meta", {})))
             d[NOISE_KEY + "_dose"] = float(pick["dose_fraction"])
         return d
@@ -118,11 +142,15 @@ class RandCachedLowDoseCTd(RandLowDoseCTd):
         for key in self.key_iterator(d):
             img = d[key]
             if tuple(img.shape) != tuple(noise.shape):
-                raise ValueError(f"cached low-dose noise {tuple(noise.shape)} does not match {key} "
-                                 f"{tuple(img.shape)}: load and crop it with the image")
+                raise ValueError(
+                    f"cached low-dose noise {tuple(noise.shape)} does not match {key} "
+                    f"{tuple(img.shape)}: load and crop it with the image"
+                )
             d[key] = img + noise.to(img.dtype)
-        d["degradation"] = [*d.get("degradation", []), {"name": "RandLowDoseCTd", "cached": True,
-                                                         "dose_fraction": d[NOISE_KEY + "_dose"]}]
+        d["degradation"] = [
+            *d.get("degradation", []),
+            {"name": "RandLowDoseCTd", "cached": True, "dose_fraction": d[NOISE_KEY + "_dose"]},
+        ]
         return d
 
 

@@ -74,7 +74,7 @@ def ssim(
     value = ((2 * mu_p * mu_r + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_r**2 + c1) * (var_p + var_r + c2))
     if mask is not None:
         h = size // 2
-        mask = np.asarray(mask, dtype=bool).reshape(r.shape)[h:r.shape[0] - h, h:r.shape[1] - h, h:r.shape[2] - h]
+        mask = np.asarray(mask, dtype=bool).reshape(r.shape)[h : r.shape[0] - h, h : r.shape[1] - h, h : r.shape[2] - h]
     return float(_masked(value, mask).mean())
 
 
@@ -118,8 +118,12 @@ def laplacian_energy(x: torch.Tensor, spacing: tuple[float, float, float] = (1.0
     return lap**2
 
 
-def sharpness_ratio(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, mask: np.ndarray | None = None,
-                    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> float:
+def sharpness_ratio(
+    pred: np.ndarray | torch.Tensor,
+    ref: np.ndarray | torch.Tensor,
+    mask: np.ndarray | None = None,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> float:
     """Root of the mean 3D-Laplacian energy of ``pred`` over that of ``ref``, over ``mask`` (interior voxels):
     1.0 is as sharp as the reference, below 1 smoother (regression's averaging), above 1 noisier or ringing."""
     m = None if mask is None else np.asarray(mask, dtype=bool).reshape(_t(ref).shape[-3:])[1:-1, 1:-1, 1:-1]
@@ -147,8 +151,12 @@ def score(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, modal
     if modality == "mr":
         s = mr_scale(r)
         m = body_mask(r, MR_MASK_FRACTION * s)
-        return {"psnr": psnr(p / s, r / s, 1.0, m), "ssim": ssim(p / s, r / s, 1.0, m), "mae": mae(p / s, r / s, m),
-                "sharpness": sharpness_ratio(p / s, r / s, m)}
+        return {
+            "psnr": psnr(p / s, r / s, 1.0, m),
+            "ssim": ssim(p / s, r / s, 1.0, m),
+            "mae": mae(p / s, r / s, m),
+            "sharpness": sharpness_ratio(p / s, r / s, m),
+        }
     raise ValueError(f"unknown modality {modality!r}; use 'ct' or 'mr'")
 
 

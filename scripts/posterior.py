@@ -29,10 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from skimage.restoration import estimate_sigma
-from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
-
 from scripts.autoencoder import downsample_factors, encode_volume, latent_roi, pad_for, tiled_apply
 from scripts.baselines import resample
 from scripts.degradations import blur, kspace_truncate
@@ -41,6 +37,9 @@ from scripts.enhance import physical_range, resolve_modality, start_steps, targe
 from scripts.grid import apply_along_axis, fov_grid, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
 from scripts.volumes import load_volume, save_volume, spacing_of
+from skimage.restoration import estimate_sigma
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 OPERATORS = ("thick_slice", "blur", "kspace", "identity")
@@ -100,7 +99,10 @@ def estimate_noise(observed: torch.Tensor) -> float:
 
 
 def least_squares_consistency(
-    x: torch.Tensor, observed: torch.Tensor, operator: Callable[[torch.Tensor], torch.Tensor], noise_sigma: float,
+    x: torch.Tensor,
+    observed: torch.Tensor,
+    operator: Callable[[torch.Tensor], torch.Tensor],
+    noise_sigma: float,
     max_iters: int = 20,
 ) -> torch.Tensor:
     """Move ``x`` toward ``observed = A x`` in image space: CGLS iterations on ``||y - A x||`` from ``x``, stopped
@@ -194,8 +196,15 @@ def posterior_sample(
         if start is None:
             raise ValueError("strength < 1 needs a start estimate")
         with torch.no_grad():
-            z_start = encode_volume(autoencoder, pad_for(autoencoder, start.to(device), unit)[0],
-                                    [r * f for r, f in zip(roi_size, fs)], overlap) * scale_factor
+            z_start = (
+                encode_volume(
+                    autoencoder,
+                    pad_for(autoencoder, start.to(device), unit)[0],
+                    [r * f for r, f in zip(roi_size, fs)],
+                    overlap,
+                )
+                * scale_factor
+            )
     timesteps, z = start_steps(scheduler, z, z_start, strength)
     n = len(timesteps)
     # frozen networks: gradients are wanted for the latent only
@@ -203,8 +212,14 @@ def posterior_sample(
         p.requires_grad_(False)
 
     def decode(z0: torch.Tensor) -> torch.Tensor:
-        x = tiled_apply(_checkpointed(autoencoder.decode), z0 / scale_factor, roi_size, fs, overlap,
-                        [halo if f > 1 else 0 for f in fs])
+        x = tiled_apply(
+            _checkpointed(autoencoder.decode),
+            z0 / scale_factor,
+            roi_size,
+            fs,
+            overlap,
+            [halo if f > 1 else 0 for f in fs],
+        )
         return x[crop]
 
     def misfit(x: torch.Tensor) -> torch.Tensor:
@@ -216,8 +231,9 @@ def posterior_sample(
         ts = t.reshape(1).to(device)
         z = z.detach().requires_grad_(method == "dps")
         with torch.set_grad_enabled(method == "dps"):
-            eps = tiled_apply(_checkpointed(lambda w: diffusion(x=w, timesteps=ts)), z, roi_size, 1.0, overlap,
-                              halo, unit)
+            eps = tiled_apply(
+                _checkpointed(lambda w: diffusion(x=w, timesteps=ts)), z, roi_size, 1.0, overlap, halo, unit
+            )
             z0 = (z - (1 - ab).sqrt() * eps) / ab.sqrt()
         if method == "dmps":
             z0 = z0.detach().requires_grad_(True)
@@ -308,8 +324,9 @@ def restore(
     in_affine = np.asarray(image.affine)
     spacing = output_spacing(image, operator, factor, target_spacing)
     out_shape, out_affine, _ = fov_grid(image.shape[1:], in_affine, spacing)
-    A = forward_operator(operator, image.shape[1:], in_affine, out_shape, out_affine, profile, kernel, sigma_mm,
-                         factor)
+    op = forward_operator(
+        operator, image.shape[1:], in_affine, out_shape, out_affine, profile, kernel, sigma_mm, factor
+    )
     params = intensity_params(image.as_tensor(), modality)
     observed = normalize(image.as_tensor().float(), params)[None].to(device)
     unit = 1.0 / float(params["scale"])  # one unit of the input in normalised values
@@ -320,19 +337,45 @@ def restore(
     if strength < 1:  # the input interpolated onto the output grid (itself on the same grid), as the main job's
         start = normalize(resample(image.as_tensor().float(), in_affine, spacing, "trilinear")[0], params)[None]
     x = posterior_sample(
-        networks["autoencoder"].eval(), networks["diffusion"].eval(), networks["scheduler"],
-        float(networks["scale_factor"]), observed, A, out_shape, sigma, num_inference_steps,
-        torch.Generator().manual_seed(int(seed)), method, step_size, schedule, refine_iters,
-        roi_size=latent_roi(networks["autoencoder"], sw["roi_size"]), overlap=sw["sampling_overlap"], record=recorder,
-        start=start, strength=float(strength))
+        networks["autoencoder"].eval(),
+        networks["diffusion"].eval(),
+        networks["scheduler"],
+        float(networks["scale_factor"]),
+        observed,
+        op,
+        out_shape,
+        sigma,
+        num_inference_steps,
+        torch.Generator().manual_seed(int(seed)),
+        method,
+        step_size,
+        schedule,
+        refine_iters,
+        roi_size=latent_roi(networks["autoencoder"], sw["roi_size"]),
+        overlap=sw["sampling_overlap"],
+        record=recorder,
+        start=start,
+        strength=float(strength),
+    )
     if int(consistency_iters) > 0:
-        x = least_squares_consistency(x, observed, A, sigma, int(consistency_iters))
+        x = least_squares_consistency(x, observed, op, sigma, int(consistency_iters))
     out = physical_range(denormalize(x[0].float().cpu(), params), image, modality)
     save_volume(out, out_affine, output_image, dtype="int16" if modality == "ct" else "float32")
-    result = {"output": str(output_image), "seconds": time.perf_counter() - t0, "noise_sigma": sigma / unit,
-              "misfit": float(torch.linalg.vector_norm(observed.cpu() - A(x.cpu())) / observed.numel() ** 0.5)}
+    result = {
+        "output": str(output_image),
+        "seconds": time.perf_counter() - t0,
+        "noise_sigma": sigma / unit,
+        "misfit": float(torch.linalg.vector_norm(observed.cpu() - op(x.cpu())) / observed.numel() ** 0.5),
+    }
     if recorder is not None:
         result["record"] = str(recorder.close())
-    logger.info("posterior sampling (%s, %s) %s -> %s in %.1f s, noise sigma %.3g", method, operator, input_image,
-                output_image, result["seconds"], result["noise_sigma"])
+    logger.info(
+        "posterior sampling (%s, %s) %s -> %s in %.1f s, noise sigma %.3g",
+        method,
+        operator,
+        input_image,
+        output_image,
+        result["seconds"],
+        result["noise_sigma"],
+    )
     return result

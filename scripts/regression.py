@@ -43,7 +43,9 @@ class PlaneResidualNet(nn.Module):
         if x.ndim == 4:
             return x[:, self.context : self.context + 1] + self.body(x)
         if x.ndim != 5 or x.shape[1] != 1:
-            raise ValueError(f"PlaneResidualNet takes (B, 1, X, Y, Z) volumes or (N, C, H, Z) planes, got {tuple(x.shape)}")
+            raise ValueError(
+                f"PlaneResidualNet takes (B, 1, X, Y, Z) volumes or (N, C, H, Z) planes, got {tuple(x.shape)}"
+            )
         return x + 0.5 * (self._residual(x, 3) + self._residual(x, 2))
 
     def _residual(self, x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -55,22 +57,31 @@ class PlaneResidualNet(nn.Module):
         stack = stack.movedim(axis - 1, 1).movedim(-1, 2)  # (B, n, 2c+1, H, Z)
         b, n = stack.shape[:2]
         planes = stack.reshape(b * n, *stack.shape[2:])
-        fmt = torch.channels_last if self.body[0].weight.is_contiguous(memory_format=torch.channels_last) \
-            and not self.body[0].weight.is_contiguous() else torch.contiguous_format
-        out = torch.cat([self.body(planes[i : i + self.chunk].contiguous(memory_format=fmt))
-                         for i in range(0, b * n, self.chunk)])  # (B * n, 1, H, Z)
+        fmt = (
+            torch.channels_last
+            if self.body[0].weight.is_contiguous(memory_format=torch.channels_last)
+            and not self.body[0].weight.is_contiguous()
+            else torch.contiguous_format
+        )
+        out = torch.cat(
+            [self.body(planes[i : i + self.chunk].contiguous(memory_format=fmt)) for i in range(0, b * n, self.chunk)]
+        )  # (B * n, 1, H, Z)
         return out.reshape(b, n, *out.shape[2:]).movedim(1, axis - 1).unsqueeze(1)
 
 
-def plane_pairs(condition: torch.Tensor, image: torch.Tensor, per_axis: int, context: int,
-                axes: Sequence[int] = (2, 3)) -> tuple[torch.Tensor, torch.Tensor]:
+def plane_pairs(
+    condition: torch.Tensor, image: torch.Tensor, per_axis: int, context: int, axes: Sequence[int] = (2, 3)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut ``per_axis`` random planes across each of ``axes`` (2: y-z planes, 3: x-z planes) from every volume of a
     ``(B, 1, X, Y, Z)`` pair: the condition with ``context`` neighbours each side as channels, the image's centre
     plane as target. Square in-plane crops give planes of one shape for both axes."""
     cond, target = [], []
     for axis in axes:
-        c = nn.functional.pad(condition[:, 0], [0, 0, context, context, 0, 0] if axis == 3
-                              else [0, 0, 0, 0, context, context], mode="replicate")
+        c = nn.functional.pad(
+            condition[:, 0],
+            [0, 0, context, context, 0, 0] if axis == 3 else [0, 0, 0, 0, context, context],
+            mode="replicate",
+        )
         n = image.shape[axis]
         for b in range(image.shape[0]):
             for k in torch.randint(0, n, (per_axis,)).tolist():

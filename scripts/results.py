@@ -33,11 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import MetaTensor
-
+from scripts.autoencoder import reconstruct_volume
 from scripts.baseline_report import degrade_for_task, restore_all, sr_factor, tuned_best
 from scripts.baselines import resample
 from scripts.datalist import read_datalist
-from scripts.autoencoder import reconstruct_volume
 from scripts.enhance import enhance_volume, inference_parser, physical_range
 from scripts.evaluate import display_window, evaluate
 from scripts.figures import montage
@@ -50,27 +49,61 @@ logger = logging.getLogger(__name__)
 
 # task -> modality, the known operator of posterior sampling, and whether the ControlNet trained on its kind
 TASKS: dict[str, dict] = {
-    "ct_sr_5to10mm": {"modality": "ct", "operator": {"operator": "thick_slice", "factor": 2.0, "profile": "box"},
-                      "in_training_range": True},
-    "ct_sr_3to6mm": {"modality": "ct", "operator": {"operator": "thick_slice", "factor": 2.0, "profile": "box"},
-                     "in_training_range": True},
+    "ct_sr_5to10mm": {
+        "modality": "ct",
+        "operator": {"operator": "thick_slice", "factor": 2.0, "profile": "box"},
+        "in_training_range": True,
+    },
+    "ct_sr_3to6mm": {
+        "modality": "ct",
+        "operator": {"operator": "thick_slice", "factor": 2.0, "profile": "box"},
+        "in_training_range": True,
+    },
     "ct_lowdose_quarter": {"modality": "ct", "operator": {"operator": "identity"}, "in_training_range": True},
-    "ct_blur_gaussian_3mm": {"modality": "ct", "operator": {"operator": "blur", "kernel": "gaussian",
-                                                            "sigma_mm": 3.0}, "in_training_range": False},
-    "ct_blur_gaussian_1mm": {"modality": "ct", "operator": {"operator": "blur", "kernel": "gaussian",
-                                                            "sigma_mm": 1.0}, "in_training_range": True},
-    "mr_sr_1to4mm": {"modality": "mr", "operator": {"operator": "thick_slice", "factor": 4.0, "profile": "box"},
-                     "in_training_range": True},
-    "mr_sr_1to8mm": {"modality": "mr", "operator": {"operator": "thick_slice", "factor": 8.0, "profile": "box"},
-                     "in_training_range": False},
+    "ct_blur_gaussian_3mm": {
+        "modality": "ct",
+        "operator": {"operator": "blur", "kernel": "gaussian", "sigma_mm": 3.0},
+        "in_training_range": False,
+    },
+    "ct_blur_gaussian_1mm": {
+        "modality": "ct",
+        "operator": {"operator": "blur", "kernel": "gaussian", "sigma_mm": 1.0},
+        "in_training_range": True,
+    },
+    "mr_sr_1to4mm": {
+        "modality": "mr",
+        "operator": {"operator": "thick_slice", "factor": 4.0, "profile": "box"},
+        "in_training_range": True,
+    },
+    "mr_sr_1to8mm": {
+        "modality": "mr",
+        "operator": {"operator": "thick_slice", "factor": 8.0, "profile": "box"},
+        "in_training_range": False,
+    },
     "mr_rician5": {"modality": "mr", "operator": {"operator": "identity"}, "in_training_range": True},
     "mr_rician4": {"modality": "mr", "operator": {"operator": "identity"}, "in_training_range": True},
     "mr_kspace2": {"modality": "mr", "operator": {"operator": "kspace", "factor": 2.0}, "in_training_range": True},
 }
-METHODS = ("classical", "autoencoder ceiling", "regression", "ours", "ours + data consistency", "ours from the input",
-           "ours + residual decoding", "ours mean", "posterior", "posterior from the input")
-LATENT_METHODS = {"autoencoder ceiling", "ours", "ours + data consistency", "ours from the input",
-                  "ours + residual decoding", "ours mean"}
+METHODS = (
+    "classical",
+    "autoencoder ceiling",
+    "regression",
+    "ours",
+    "ours + data consistency",
+    "ours from the input",
+    "ours + residual decoding",
+    "ours mean",
+    "posterior",
+    "posterior from the input",
+)
+LATENT_METHODS = {
+    "autoencoder ceiling",
+    "ours",
+    "ours + data consistency",
+    "ours from the input",
+    "ours + residual decoding",
+    "ours mean",
+}
 
 
 def _is_sr(task: str) -> bool:
@@ -91,13 +124,15 @@ def fits(task: str, affine: np.ndarray) -> bool:
     return match is None or abs(float(spacing_of(affine)[2]) - float(match[1])) <= 0.3 * float(match[1])
 
 
-def load_networks(config_files: Sequence[str], ckpt_dir: str, device: str, only: Sequence[str] | None = None
-                  ) -> dict | None:
+def load_networks(
+    config_files: Sequence[str], ckpt_dir: str, device: str, only: Sequence[str] | None = None
+) -> dict | None:
     """``networks`` of the main-job configs with weights from ``ckpt_dir`` (or just the entries ``only``);
     ``None`` (logged) if any is missing."""
     try:
-        parser = inference_parser(config_files, load_networks=only is None, ckpt_dir=str(Path(ckpt_dir).resolve()),
-                                  device=device)
+        parser = inference_parser(
+            config_files, load_networks=only is None, ckpt_dir=str(Path(ckpt_dir).resolve()), device=device
+        )
         if only is not None:
             return {k: parser.get_parsed_content(k) for k in only}
     except RuntimeError as err:  # the config parser wraps the loader's FileNotFoundError
@@ -120,8 +155,9 @@ def centre_crop(x: torch.Tensor, affine: np.ndarray, size: Sequence[int]) -> tup
     return x[tuple(slice(a, b) for a, b in zip(starts, stops))], cropped
 
 
-def autoencoder_ceiling(x: torch.Tensor, autoencoder: torch.nn.Module, modality: str, sliding_window: dict,
-                        device: str) -> torch.Tensor:
+def autoencoder_ceiling(
+    x: torch.Tensor, autoencoder: torch.nn.Module, modality: str, sliding_window: dict, device: str
+) -> torch.Tensor:
     """The reference ``x`` encoded and decoded in windows, in its own units: what a latent method returns when it
     finds the reference's own latent, i.e. the fidelity the autoencoder allows however good the prior is."""
     params = intensity_params(x, modality)
@@ -131,8 +167,9 @@ def autoencoder_ceiling(x: torch.Tensor, autoencoder: torch.nn.Module, modality:
     return physical_range(denormalize(out[0, 0].float().cpu(), params), x, modality)
 
 
-def _data_consistency(task: str, x: torch.Tensor, affine: np.ndarray, y: torch.Tensor, y_aff: np.ndarray,
-                      modality: str, iters: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _data_consistency(
+    task: str, x: torch.Tensor, affine: np.ndarray, y: torch.Tensor, y_aff: np.ndarray, modality: str, iters: int
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """For a task with a known operator other than the identity, the map from a volume on the reference grid to
     its least-squares correction toward ``y`` (``least_squares_consistency``, noise estimated from ``y``), as
     posterior sampling ends; ``None`` for denoising."""
@@ -142,8 +179,7 @@ def _data_consistency(task: str, x: torch.Tensor, affine: np.ndarray, y: torch.T
         return None
     operator = forward_operator(name, y.shape, y_aff, x.shape, affine, **known)
     observed, sigma = y.float(), estimate_noise(y.float())
-    return lambda v: physical_range(least_squares_consistency(v.float(), observed, operator, sigma, iters), y,
-                                    modality)
+    return lambda v: physical_range(least_squares_consistency(v.float(), observed, operator, sigma, iters), y, modality)
 
 
 def _timed(fn: Callable[[], torch.Tensor], device: str) -> tuple[torch.Tensor, float]:
@@ -198,22 +234,37 @@ def run(
         ours = load_networks(["configs/inference.json", *net_cfgs], ckpt_dir, device)
     # posterior sampling: the prior and autoencoder of ``ours`` when loaded; without a ControlNet on their own
     if {"posterior", "posterior from the input"} & set(methods):
-        posterior_nets = ({k: ours[k] for k in ("autoencoder", "diffusion", "scheduler", "scale_factor")} if ours
-                          else load_networks(["configs/inference.json", "configs/inference_posterior.json", *net_cfgs],
-                                             ckpt_dir, device))
+        posterior_nets = (
+            {k: ours[k] for k in ("autoencoder", "diffusion", "scheduler", "scale_factor")}
+            if ours
+            else load_networks(
+                ["configs/inference.json", "configs/inference_posterior.json", *net_cfgs], ckpt_dir, device
+            )
+        )
     if "regression" in methods:
-        regression = load_networks(["configs/inference.json", "configs/inference_regression.json", *net_cfgs],
-                                   ckpt_dir, device)
+        regression = load_networks(
+            ["configs/inference.json", "configs/inference_regression.json", *net_cfgs], ckpt_dir, device
+        )
     if sliding_window is None:
         parser = inference_parser(["configs/inference.json", *net_cfgs], load_networks=False)
         sliding_window = parser.get_parsed_content("sliding_window")
     out_root = Path(output_dir)
-    lines = [f"| volume | task | method | PSNR (dB) | SSIM | MAE | HU-MAE body | sharpness | seconds ({device}) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    summary: dict = {"device": device, "ckpt_dir": str(ckpt_dir), "network_configs": net_cfgs, "crop": crop,
-                     "num_inference_steps": num_inference_steps, "num_samples": num_samples,
-                     "posterior_steps": posterior_steps, "strength": strength, "sliding_window": sliding_window,
-                     "cases": {}}
+    lines = [
+        f"| volume | task | method | PSNR (dB) | SSIM | MAE | HU-MAE body | sharpness | seconds ({device}) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    summary: dict = {
+        "device": device,
+        "ckpt_dir": str(ckpt_dir),
+        "network_configs": net_cfgs,
+        "crop": crop,
+        "num_inference_steps": num_inference_steps,
+        "num_samples": num_samples,
+        "posterior_steps": posterior_steps,
+        "strength": strength,
+        "sliding_window": sliding_window,
+        "cases": {},
+    }
     for entry in read_datalist(datalist, "validation"):
         modality = entry.get("modality", "ct")
         name = Path(entry["image"]).name.split(".")[0]
@@ -224,7 +275,7 @@ def run(
         whole = x
         for task in [t for t in tasks if TASKS[t]["modality"] == modality and fits(t, affine)]:
             task_dir = out_root / name / task
-            x = whole[..., :usable_slices(task, whole.shape[-1])]
+            x = whole[..., : usable_slices(task, whole.shape[-1])]
             y, y_aff = degrade_for_task(task, x, affine, seed)
             save_volume(x, affine, task_dir / "reference.nii.gz")
             save_volume(y, y_aff, task_dir / "degraded.nii.gz")
@@ -240,58 +291,100 @@ def run(
                     restored[f"{start} + data consistency"] = (dc, sec + dc_sec)
             classical = set(restored)
             image = MetaTensor(y.float()[None], affine=torch.as_tensor(y_aff))
-            common = {"target_spacing": spacing_of(affine).tolist(), "modality": modality,
-                      "num_inference_steps": num_inference_steps, "seed": seed, "sliding_window": sliding_window,
-                      "device": device, "progress": False, "amp": flag(amp, "amp")}
+            common = {
+                "target_spacing": spacing_of(affine).tolist(),
+                "modality": modality,
+                "num_inference_steps": num_inference_steps,
+                "seed": seed,
+                "sliding_window": sliding_window,
+                "device": device,
+                "progress": False,
+                "amp": flag(amp, "amp"),
+            }
             autoencoder = (ours or posterior_nets or {}).get("autoencoder")
             if "autoencoder ceiling" in methods and autoencoder is not None:
                 ceiling = _timed(lambda: autoencoder_ceiling(x, autoencoder, modality, sliding_window, device), device)
                 restored["autoencoder ceiling (oracle)"] = ceiling
-                restored["residual decoding ceiling (oracle)"] = _timed(lambda: physical_range(
-                    on_grid + ceiling[0] - autoencoder_ceiling(on_grid, autoencoder, modality, sliding_window, device),
-                    x, modality), device)
+                restored["residual decoding ceiling (oracle)"] = _timed(
+                    lambda: physical_range(
+                        on_grid
+                        + ceiling[0]
+                        - autoencoder_ceiling(on_grid, autoencoder, modality, sliding_window, device),
+                        x,
+                        modality,
+                    ),
+                    device,
+                )
                 if consistent is not None:
                     restored["autoencoder ceiling + data consistency (oracle)"] = _timed(
-                        lambda: consistent(ceiling[0]), "cpu")
+                        lambda: consistent(ceiling[0]), "cpu"
+                    )
             if regression is not None:
                 restored["regression"] = _timed(
-                    lambda: enhance_volume(image, regression, method="regression", **common)[0], device)
+                    lambda: enhance_volume(image, regression, method="regression", **common)[0], device
+                )
                 if _is_sr(task):
-                    restored["regression + data consistency"] = _timed(lambda: enhance_volume(
-                        image, regression, method="regression", consistency=True, **common)[0], device)
+                    restored["regression + data consistency"] = _timed(
+                        lambda: enhance_volume(image, regression, method="regression", consistency=True, **common)[0],
+                        device,
+                    )
             if ours is not None:
                 if "ours" in methods:
                     restored["ours"] = _timed(lambda: enhance_volume(image, ours, **common)[0], device)
                 if "ours + data consistency" in methods and _is_sr(task):
                     restored["ours + data consistency"] = _timed(
-                        lambda: enhance_volume(image, ours, consistency=True, **common)[0], device)
+                        lambda: enhance_volume(image, ours, consistency=True, **common)[0], device
+                    )
                 if "ours from the input" in methods:
                     restored[f"ours, strength {strength:g}"] = _timed(
-                        lambda: enhance_volume(image, ours, strength=strength, **common)[0], device)
+                        lambda: enhance_volume(image, ours, strength=strength, **common)[0], device
+                    )
                 if "ours + residual decoding" in methods:  # from noise, and from the input
                     restored["ours + residual decoding"] = _timed(
-                        lambda: enhance_volume(image, ours, residual_decoding=True, **common)[0], device)
+                        lambda: enhance_volume(image, ours, residual_decoding=True, **common)[0], device
+                    )
                     label = f"ours, strength {strength:g} + residual decoding"
-                    restored[label] = _timed(lambda: enhance_volume(
-                        image, ours, strength=strength, residual_decoding=True, **common)[0], device)
+                    restored[label] = _timed(
+                        lambda: enhance_volume(image, ours, strength=strength, residual_decoding=True, **common)[0],
+                        device,
+                    )
                     if _is_sr(task):
-                        restored[f"{label} + data consistency"] = _timed(lambda: enhance_volume(
-                            image, ours, strength=strength, residual_decoding=True, consistency=True,
-                            **common)[0], device)
+                        restored[f"{label} + data consistency"] = _timed(
+                            lambda: enhance_volume(
+                                image, ours, strength=strength, residual_decoding=True, consistency=True, **common
+                            )[0],
+                            device,
+                        )
                 if "ours mean" in methods and num_samples > 1:
                     restored[f"ours mean of {num_samples}"] = _timed(
-                        lambda: enhance_volume(image, ours, num_samples=num_samples, **common)[0], device)
+                        lambda: enhance_volume(image, ours, num_samples=num_samples, **common)[0], device
+                    )
             if posterior_nets is not None:
-                runs = [(name, st) for name, st, m in (("posterior (dps)", 1.0, "posterior"),
-                                                       (f"posterior (dps), strength {strength:g}", strength,
-                                                        "posterior from the input")) if m in methods]
+                runs = [
+                    (name, st)
+                    for name, st, m in (
+                        ("posterior (dps)", 1.0, "posterior"),
+                        (f"posterior (dps), strength {strength:g}", strength, "posterior from the input"),
+                    )
+                    if m in methods
+                ]
                 for label, st in runs:
                     path = task_dir / "posterior.nii.gz"
-                    res = restore(str(task_dir / "degraded.nii.gz"), str(path), posterior_nets,
-                                  **TASKS[task]["operator"], target_spacing=spacing_of(affine).tolist(),
-                                  modality=modality, num_inference_steps=posterior_steps, seed=seed,
-                                  step_size=posterior_step_size, strength=st, sliding_window=sliding_window,
-                                  device=device, consistency_iters=0)
+                    res = restore(
+                        str(task_dir / "degraded.nii.gz"),
+                        str(path),
+                        posterior_nets,
+                        **TASKS[task]["operator"],
+                        target_spacing=spacing_of(affine).tolist(),
+                        modality=modality,
+                        num_inference_steps=posterior_steps,
+                        seed=seed,
+                        step_size=posterior_step_size,
+                        strength=st,
+                        sliding_window=sliding_window,
+                        device=device,
+                        consistency_iters=0,
+                    )
                     restored[label] = (load_volume(path).as_tensor()[0], res["seconds"])
                     if consistent is not None:  # what restore's default consistency_iters adds
                         dc, dc_sec = _timed(lambda: consistent(restored[label][0]), "cpu")
@@ -301,22 +394,33 @@ def run(
                 path = task_dir / f"{re.sub(r'[^A-Za-z0-9]+', '_', method.replace('+', 'plus')).strip('_')}.nii.gz"
                 save_volume(vol, affine, path)
                 seconds[method] = sec
-                cases.append({"name": path.name.split(".")[0], "method": method, "output": str(path),
-                              "reference": str(task_dir / "reference.nii.gz"),
-                              "input": str(task_dir / "degraded.nii.gz")})
+                cases.append(
+                    {
+                        "name": path.name.split(".")[0],
+                        "method": method,
+                        "output": str(path),
+                        "reference": str(task_dir / "reference.nii.gz"),
+                        "input": str(task_dir / "degraded.nii.gz"),
+                    }
+                )
             means = evaluate(cases, str(task_dir), modality)["mean_by_method"]
             shown = tuned_best(means)
             for m in shown:
                 r = means[m]
                 hu = f"{r['hu_mae_body']:.1f}" if "hu_mae_body" in r else "-"
                 mae_txt = f"{r['mae']:.1f} HU" if modality == "ct" else f"{r['mae']:.4f}"
-                lines.append(f"| {name} | {task} | {m} | {r['psnr']:.2f} | {r['ssim']:.4f} | {mae_txt} | {hu} | "
-                             f"{r.get('sharpness', float('nan')):.2f} | {seconds[m]:.1f} |")
-            _task_montage(restored, classical & set(shown), means, x, on_grid, affine, modality,
-                          task_dir / f"{task}.png", task)
-            summary["cases"][f"{name}/{task}"] = {"metrics": {m: means[m] for m in shown},
-                                                  "seconds": {m: seconds[m] for m in shown},
-                                                  "in_training_range": TASKS[task]["in_training_range"]}
+                lines.append(
+                    f"| {name} | {task} | {m} | {r['psnr']:.2f} | {r['ssim']:.4f} | {mae_txt} | {hu} | "
+                    f"{r.get('sharpness', float('nan')):.2f} | {seconds[m]:.1f} |"
+                )
+            _task_montage(
+                restored, classical & set(shown), means, x, on_grid, affine, modality, task_dir / f"{task}.png", task
+            )
+            summary["cases"][f"{name}/{task}"] = {
+                "metrics": {m: means[m] for m in shown},
+                "seconds": {m: seconds[m] for m in shown},
+                "in_training_range": TASKS[task]["in_training_range"],
+            }
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "results.md").write_text("\n".join(lines) + "\n")
     (out_root / "results.json").write_text(json.dumps(summary, indent=2))
@@ -324,8 +428,17 @@ def run(
     return summary
 
 
-def _task_montage(restored: dict, classical: set[str], means: dict, x: torch.Tensor, on_grid: torch.Tensor,
-                  affine: np.ndarray, modality: str, path: Path, task: str) -> None:
+def _task_montage(
+    restored: dict,
+    classical: set[str],
+    means: dict,
+    x: torch.Tensor,
+    on_grid: torch.Tensor,
+    affine: np.ndarray,
+    modality: str,
+    path: Path,
+    task: str,
+) -> None:
     """Input (``on_grid``: on the reference grid), the best classical method, the regression peer, ours, the
     reference."""
     classical = classical - {"degraded input"}

@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-
 from scripts.degradations import (
     DEFAULT_PHOTONS,
     RandBlurd,
@@ -54,16 +53,22 @@ def build_operator(
     return ops[operator]()
 
 
-def simulate(input_image: str, output_image: str, operator: str, seed: int = 0, dtype: str = "float32",
-             **params) -> dict:
+def simulate(
+    input_image: str, output_image: str, operator: str, seed: int = 0, dtype: str = "float32", **params
+) -> dict:
     """Degrade ``input_image`` into ``output_image`` (NIfTI, written atomically) and a ``.json`` of parameters."""
     image = load_volume(input_image)
     transform = build_operator(operator, **params)
     transform.set_random_state(seed)
     out = transform({"image": image})
     save_volume(out["image"], np.asarray(out["image"].affine), output_image, dtype=dtype)
-    record = {"input": str(input_image), "output": str(output_image), "operator": operator, "seed": seed,
-              "applied": out["degradation"]}
+    record = {
+        "input": str(input_image),
+        "output": str(output_image),
+        "operator": operator,
+        "seed": seed,
+        "applied": out["degradation"],
+    }
     sidecar = Path(str(output_image).removesuffix(".gz").removesuffix(".nii") + ".json")
     sidecar.write_text(json.dumps(record, indent=2))
     logger.info("wrote %s (%s)", output_image, record["applied"])

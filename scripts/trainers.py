@@ -12,20 +12,19 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import Evaluator, IterationEvents, Trainer
-from monai.inferers import ControlNetDiffusionInferer
 from monai.engines.utils import default_prepare_batch
+from monai.inferers import ControlNetDiffusionInferer
 from monai.losses import PatchAdversarialLoss
 from monai.networks.schedulers import Scheduler
 from monai.utils import CommonKeys as Keys
 from monai.visualize import plot_2d_or_3d_image
-from torch.optim import Optimizer
-from torch.utils.tensorboard import SummaryWriter
-
 from scripts.autoencoder import downsample_factors
 from scripts.diffusion import ControlledDenoiser, unet_divisor
-from scripts.enhance import sample_latent
 from scripts.engine import autocast, channels_last, cpu_bf16, run_network
+from scripts.enhance import sample_latent
 from scripts.options import flag
+from torch.optim import Optimizer
+from torch.utils.tensorboard import SummaryWriter
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -100,8 +99,14 @@ class VAEGANTrainer(Trainer):
         self.scaler = torch.amp.GradScaler("cuda") if amp else None
         self.d_scaler = torch.amp.GradScaler("cuda") if amp else None
 
-    def _step(self, loss: torch.Tensor, optimizer: Optimizer, scaler: torch.amp.GradScaler | None, last: bool,
-              module: torch.nn.Module) -> None:
+    def _step(
+        self,
+        loss: torch.Tensor,
+        optimizer: Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        last: bool,
+        module: torch.nn.Module,
+    ) -> None:
         """Backward into ``module``'s parameters only (the generator loss must not touch the discriminator),
         stepping every ``accumulation_steps`` iterations."""
         loss = loss / self.accumulation_steps
@@ -123,8 +128,10 @@ class VAEGANTrainer(Trainer):
         fast = self.amp or self.bf16
         with autocast(engine.state.device, fast):
             recon, z_mu, z_sigma = self.network(images)
-            out = {"l1": torch.nn.functional.l1_loss(recon.float(), images.float()),
-                   "kl": kl_loss(z_mu.float(), z_sigma.float())}
+            out = {
+                "l1": torch.nn.functional.l1_loss(recon.float(), images.float()),
+                "kl": kl_loss(z_mu.float(), z_sigma.float()),
+            }
             loss = out["l1"] + self.kl_weight * out["kl"]
             for name, (weight, fn) in self.extra_losses.items():
                 out[name] = fn(recon.float(), images.float())
@@ -141,12 +148,18 @@ class VAEGANTrainer(Trainer):
             with autocast(engine.state.device, fast):
                 fake = self.discriminator(recon.detach().contiguous().float())[-1]
                 real = self.discriminator(images.contiguous().float())[-1]
-                out["adv_d"] = 0.5 * (self.adv_loss(fake, target_is_real=False, for_discriminator=True)
-                                      + self.adv_loss(real, target_is_real=True, for_discriminator=True))
+                out["adv_d"] = 0.5 * (
+                    self.adv_loss(fake, target_is_real=False, for_discriminator=True)
+                    + self.adv_loss(real, target_is_real=True, for_discriminator=True)
+                )
             self._step(self.adv_weight * out["adv_d"], self.d_optimizer, self.d_scaler, last, self.discriminator)
 
-        engine.state.output = {Keys.IMAGE: images, Keys.PRED: recon.detach(), Keys.LOSS: loss.detach(),
-                               **{k: v.detach() for k, v in out.items()}}
+        engine.state.output = {
+            Keys.IMAGE: images,
+            Keys.PRED: recon.detach(),
+            Keys.LOSS: loss.detach(),
+            **{k: v.detach() for k, v in out.items()},
+        }
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # decollates the output, as MONAI's trainers do
         return engine.state.output
 
@@ -172,10 +185,17 @@ def optional_losses(
         losses["spectral"] = (spectral_weight, JukeboxLoss(spatial_dims=spatial_dims))
     if perceptual_weight > 0:
         if not perceptual_weights_path:
-            raise ValueError("perceptual_weight > 0 needs perceptual_weights_path: a local ResNet-50 state dict "
-                             "(hub downloads are not used)")
-        loss = PerceptualLoss(spatial_dims=spatial_dims, network_type="resnet50", is_fake_3d=True, pretrained=True,
-                              pretrained_path=perceptual_weights_path)
+            raise ValueError(
+                "perceptual_weight > 0 needs perceptual_weights_path: a local ResNet-50 state dict "
+                "(hub downloads are not used)"
+            )
+        loss = PerceptualLoss(
+            spatial_dims=spatial_dims,
+            network_type="resnet50",
+            is_fake_3d=True,
+            pretrained=True,
+            pretrained_path=perceptual_weights_path,
+        )
         losses["perceptual"] = (perceptual_weight, loss)
     return losses
 
@@ -212,10 +232,19 @@ class ControlNetTrainer(Trainer):
         stage_a: torch.nn.Module | None = None,
     ) -> None:
         amp = flag(amp, "amp") and torch.device(device).type == "cuda"
-        super().__init__(device=device, max_epochs=max_epochs, data_loader=train_data_loader,
-                         epoch_length=epoch_length, non_blocking=non_blocking, handlers=train_handlers, amp=amp)
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            handlers=train_handlers,
+            amp=amp,
+        )
         self.controlnet, self.optimizer = controlnet, optimizer
-        self.diffusion, self.autoencoder = diffusion.eval().requires_grad_(False), autoencoder.eval().requires_grad_(False)
+        self.diffusion, self.autoencoder = diffusion.eval().requires_grad_(False), autoencoder.eval().requires_grad_(
+            False
+        )
         self.scheduler, self.scale_factor, self.condition_key = scheduler, float(scale_factor), condition_key
         self.encode_condition = encode_condition
         self.stage_a = stage_a.requires_grad_(False) if stage_a is not None else None
@@ -224,8 +253,16 @@ class ControlNetTrainer(Trainer):
 
     def _iteration(self, engine: ControlNetTrainer, batchdata: dict) -> dict:  # type: ignore[override]
         images, noise, timesteps, latents, condition = controlnet_inputs(
-            batchdata, engine.state.device, self.autoencoder, self.scheduler, self.scale_factor, self.condition_key,
-            self.amp, encode_condition=self.encode_condition, stage_a=self.stage_a)
+            batchdata,
+            engine.state.device,
+            self.autoencoder,
+            self.scheduler,
+            self.scale_factor,
+            self.condition_key,
+            self.amp,
+            encode_condition=self.encode_condition,
+            stage_a=self.stage_a,
+        )
         self.controlnet.train()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", enabled=self.amp):
@@ -244,10 +281,19 @@ class ControlNetTrainer(Trainer):
 
 
 @torch.no_grad()
-def controlnet_inputs(batchdata: dict, device: torch.device, autoencoder: torch.nn.Module, scheduler: Scheduler,
-                      scale_factor: float, condition_key: str = "condition", amp: bool = False,
-                      generator: torch.Generator | None = None, timestep: int | None = None,
-                      encode_condition: bool = False, stage_a: torch.nn.Module | None = None) -> tuple:
+def controlnet_inputs(
+    batchdata: dict,
+    device: torch.device,
+    autoencoder: torch.nn.Module,
+    scheduler: Scheduler,
+    scale_factor: float,
+    condition_key: str = "condition",
+    amp: bool = False,
+    generator: torch.Generator | None = None,
+    timestep: int | None = None,
+    encode_condition: bool = False,
+    stage_a: torch.nn.Module | None = None,
+) -> tuple:
     """Clean images, noise, timesteps, scaled latents and condition for one ControlNet step; with ``generator``
     and ``timestep`` the draw is fixed (validation). With ``stage_a`` (the frozen regression network, two-stage
     training) the condition is its output on the degraded patch: pairs of (regression output, reference)."""
@@ -274,15 +320,32 @@ class ControlNetEvaluator(Evaluator):
     its condition; one whose two errors match has only learnt to adjust the prior (an early phase of training).
     """
 
-    def __init__(self, device: torch.device | str, val_data_loader: Iterable, controlnet: torch.nn.Module,
-                 diffusion: torch.nn.Module, autoencoder: torch.nn.Module, scheduler: Scheduler, scale_factor: float,
-                 key_val_metric: dict | None = None, additional_metrics: dict | None = None,
-                 val_handlers: Sequence | None = None, condition_key: str = "condition",
-                 encode_condition: bool = False, timestep: int | None = None, seed: int = 0,
-                 stage_a: torch.nn.Module | None = None) -> None:
-        super().__init__(device=device, val_data_loader=val_data_loader, key_val_metric=key_val_metric,
-                         additional_metrics=additional_metrics, metric_cmp_fn=lambda current, best: current < best,
-                         val_handlers=val_handlers)
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader: Iterable,
+        controlnet: torch.nn.Module,
+        diffusion: torch.nn.Module,
+        autoencoder: torch.nn.Module,
+        scheduler: Scheduler,
+        scale_factor: float,
+        key_val_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        val_handlers: Sequence | None = None,
+        condition_key: str = "condition",
+        encode_condition: bool = False,
+        timestep: int | None = None,
+        seed: int = 0,
+        stage_a: torch.nn.Module | None = None,
+    ) -> None:
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            key_val_metric=key_val_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=lambda current, best: current < best,
+            val_handlers=val_handlers,
+        )
         self.controlnet, self.diffusion, self.autoencoder = controlnet, diffusion, autoencoder
         self.scheduler, self.scale_factor, self.condition_key = scheduler, float(scale_factor), condition_key
         self.timestep = scheduler.num_train_timesteps // 2 if timestep is None else timestep
@@ -292,15 +355,29 @@ class ControlNetEvaluator(Evaluator):
     def _iteration(self, engine: ControlNetEvaluator, batchdata: dict) -> dict:  # type: ignore[override]
         gen = torch.Generator().manual_seed(self.seed + engine.state.iteration)
         images, noise, timesteps, latents, condition = controlnet_inputs(
-            batchdata, engine.state.device, self.autoencoder, self.scheduler, self.scale_factor, self.condition_key,
-            generator=gen, timestep=self.timestep, encode_condition=self.encode_condition, stage_a=self.stage_a)
+            batchdata,
+            engine.state.device,
+            self.autoencoder,
+            self.scheduler,
+            self.scale_factor,
+            self.condition_key,
+            generator=gen,
+            timestep=self.timestep,
+            encode_condition=self.encode_condition,
+            stage_a=self.stage_a,
+        )
         self.controlnet.eval()
         with torch.no_grad():
             pred = self.inferer(latents, self.diffusion, self.controlnet, noise, timesteps, cn_cond=condition)
-            blind = self.inferer(latents, self.diffusion, self.controlnet, noise, timesteps,
-                                 cn_cond=torch.zeros_like(condition))
-        engine.state.output = {Keys.IMAGE: images, Keys.PRED: pred.float(), Keys.LABEL: noise,
-                               "pred_blind": blind.float()}
+            blind = self.inferer(
+                latents, self.diffusion, self.controlnet, noise, timesteps, cn_cond=torch.zeros_like(condition)
+            )
+        engine.state.output = {
+            Keys.IMAGE: images,
+            Keys.PRED: pred.float(),
+            Keys.LABEL: noise,
+            "pred_blind": blind.float(),
+        }
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
@@ -311,10 +388,20 @@ class RestorationSampleHandler:
     ``restoration_condition``, ``restoration_sample`` and ``restoration_target`` to TensorBoard (animations along
     z): what the ControlNet makes of its condition, which its noise error does not show."""
 
-    def __init__(self, controlnet: torch.nn.Module, diffusion: torch.nn.Module, autoencoder: torch.nn.Module,
-                 scheduler: Scheduler, scale_factor: float, log_dir: str, encode_condition: bool = False,
-                 num_inference_steps: int = 20, condition_key: str = "condition", seed: int = 0,
-                 stage_a: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        controlnet: torch.nn.Module,
+        diffusion: torch.nn.Module,
+        autoencoder: torch.nn.Module,
+        scheduler: Scheduler,
+        scale_factor: float,
+        log_dir: str,
+        encode_condition: bool = False,
+        num_inference_steps: int = 20,
+        condition_key: str = "condition",
+        seed: int = 0,
+        stage_a: torch.nn.Module | None = None,
+    ) -> None:
         self.denoiser, self.stage_a = ControlledDenoiser(diffusion, controlnet), stage_a
         self.autoencoder, self.scheduler, self.scale_factor = autoencoder, scheduler, float(scale_factor)
         self.encode_condition, self.num_inference_steps = encode_condition, num_inference_steps
@@ -338,13 +425,23 @@ class RestorationSampleHandler:
         else:
             condition_in = condition
         latent_shape = [s // f for s, f in zip(condition_in.shape[2:], fold)]
-        z = sample_latent(self.denoiser, self.scheduler, condition_in, self.autoencoder.latent_channels, fold,
-                          self.num_inference_steps, torch.Generator().manual_seed(self.seed), latent_shape,
-                          progress=False, unit=unet_divisor(self.denoiser.diffusion))
+        z = sample_latent(
+            self.denoiser,
+            self.scheduler,
+            condition_in,
+            self.autoencoder.latent_channels,
+            fold,
+            self.num_inference_steps,
+            torch.Generator().manual_seed(self.seed),
+            latent_shape,
+            progress=False,
+            unit=unet_divisor(self.denoiser.diffusion),
+        )
         restored = self.autoencoder.decode(z / self.scale_factor)
         if self.writer is None:
             self.writer = SummaryWriter(log_dir=self.log_dir)
         for tag, image in (("condition", condition), ("sample", restored), ("target", target)):
-            plot_2d_or_3d_image(image.float().cpu(), step=engine.state.epoch, writer=self.writer, frame_dim=-1,
-                                tag=f"restoration_{tag}")
+            plot_2d_or_3d_image(
+                image.float().cpu(), step=engine.state.epoch, writer=self.writer, frame_dim=-1, tag=f"restoration_{tag}"
+            )
         self.writer.flush()

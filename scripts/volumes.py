@@ -13,7 +13,6 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
-
 from scripts.errors import InputError, MissingFileError
 
 

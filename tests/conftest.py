@@ -64,8 +64,9 @@ def run_config(configs: list[str], stop_after_epoch: int | None = None, loss_key
         parser.parse()
         trainer = parser.get_parsed_content("train#trainer")
         losses: list[float] = []
-        trainer.add_event_handler(Events.ITERATION_COMPLETED,
-                                  lambda e: losses.append(float(e.state.output[0][loss_key])))
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0][loss_key]))
+        )
         if stop_after_epoch:
             trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after_epoch), lambda e: e.terminate())
         parser.get_parsed_content("initialize")
@@ -84,10 +85,24 @@ def tracking(store: Path) -> list[str]:
 def tracked_training(config: str, crops: Path, tmp_path: Path) -> tuple:
     """``monai.bundle run training`` of ``configs/<config>`` + tiny.json for one epoch on the crops, tracked by
     MLflow into ``tmp_path/mlruns.db``: the single run and its artifact names."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           f"['configs/{config}','configs/tiny.json']", "--datalist", str(crops / "datalist.json"),
-           "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"), "--max_epochs", "1",
-           *tracking(tmp_path / "mlruns.db")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        f"['configs/{config}','configs/tiny.json']",
+        "--datalist",
+        str(crops / "datalist.json"),
+        "--ckpt_dir",
+        str(tmp_path / "ckpt"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_epochs",
+        "1",
+        *tracking(tmp_path / "mlruns.db"),
+    ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return mlflow_record(tmp_path / "mlruns.db")
@@ -106,10 +121,20 @@ def mlflow_record(store: Path):
 def torchrun(config_files: str, *args: str, nproc: int = 2):
     """``torchrun --nproc_per_node=nproc -m monai.bundle run training`` on the CPU (gloo), from the bundle root."""
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    cmd = [exe, f"--nproc_per_node={nproc}", "-m", "monai.bundle", "run", "training", "--config_file", config_files,
-           *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        exe,
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        config_files,
+        *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +146,7 @@ def crops(tmp_path_factory) -> Path:
     for name, (x0, y0) in {"a": (40, 60), "b": (120, 60), "c": (80, 120)}.items():
         aff = a.copy()
         aff[:3, 3] = (a @ np.array([x0, y0, 4, 1]))[:3]
-        nib.save(nib.Nifti1Image(v[x0:x0 + 64, y0:y0 + 64, 4:20], aff), root / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(v[x0 : x0 + 64, y0 : y0 + 64, 4:20], aff), root / f"{name}.nii.gz")
     dl = {"training": [{"image": "a.nii.gz"}, {"image": "b.nii.gz"}], "validation": [{"image": "c.nii.gz"}]}
     (root / "datalist.json").write_text(json.dumps(dl))
     return root
@@ -131,9 +156,15 @@ def crops(tmp_path_factory) -> Path:
 def trained(crops, tmp_path_factory):
     """Stage 1 trained for 3 tiny epochs on the crops: (ckpt_dir, trainer, l1 losses, parser)."""
     ckpt = tmp_path_factory.mktemp("ckpt")
-    trainer, losses, parser = run_config(["train_autoencoder.json", "tiny.json"], None, "l1",
-                                         datalist=str(crops / "datalist.json"), ckpt_dir=str(ckpt),
-                                         output_dir=str(ckpt / "tb"), max_epochs=3)
+    trainer, losses, parser = run_config(
+        ["train_autoencoder.json", "tiny.json"],
+        None,
+        "l1",
+        datalist=str(crops / "datalist.json"),
+        ckpt_dir=str(ckpt),
+        output_dir=str(ckpt / "tb"),
+        max_epochs=3,
+    )
     return ckpt, trainer, losses, parser
 
 

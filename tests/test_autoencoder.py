@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from monai.networks.nets import AutoencoderKL
-
 from scripts.autoencoder import (
     _starts,
     decode_volume,
@@ -29,9 +28,19 @@ CONFIGS = ["train_autoencoder.json", "tiny.json"]
 
 
 def tiny_autoencoder(**kw) -> AutoencoderKL:
-    args = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=[8, 16], latent_channels=2,
-                num_res_blocks=[1, 1], attention_levels=[False, False], norm_num_groups=4,
-                with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, include_fc=False)
+    args = dict(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=[8, 16],
+        latent_channels=2,
+        num_res_blocks=[1, 1],
+        attention_levels=[False, False],
+        norm_num_groups=4,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+        include_fc=False,
+    )
     args.update(kw)
     torch.manual_seed(0)
     return AutoencoderKL(**args).eval()
@@ -60,8 +69,16 @@ def test_tiny_training_loss_falls_and_writes_checkpoints(trained):
     assert load_scale_factor(str(ckpt)) > 0
     assert list((ckpt / "tb").glob("events.out.tfevents.*"))
     state = torch.load(ckpt / "autoencoder_checkpoint_epoch=3.pt", weights_only=True)
-    assert set(state) == {"autoencoder", "discriminator", "optimizer", "d_optimizer", "lr_scheduler", "validation",
-                          "trainer", "amp_scalers"}
+    assert set(state) == {
+        "autoencoder",
+        "discriminator",
+        "optimizer",
+        "d_optimizer",
+        "lr_scheduler",
+        "validation",
+        "trainer",
+        "amp_scalers",
+    }
     assert state["validation"]["best_metric_epoch"] in (1, 2, 3)  # the best-model record travels with a resume
     load_autoencoder_weights(tiny_autoencoder(), ckpt / "autoencoder.pt")
 
@@ -101,8 +118,11 @@ def test_bad_datalists_fail_clearly(crops, tmp_path):
     with pytest.raises(Exception) as err:
         run_training(crops, tmp_path / "c1", datalist=str(tmp_path / "empty.json"))
     assert "empty.json: the 'training' list is missing or empty" in _messages(err.value)
-    (tmp_path / "gone.json").write_text(json.dumps({"training": [{"image": str(crops / "nope.nii.gz")}],
-                                                    "validation": [{"image": str(crops / "c.nii.gz")}]}))
+    (tmp_path / "gone.json").write_text(
+        json.dumps(
+            {"training": [{"image": str(crops / "nope.nii.gz")}], "validation": [{"image": str(crops / "c.nii.gz")}]}
+        )
+    )
     with pytest.raises(Exception) as err:
         run_training(crops, tmp_path / "c2", datalist=str(tmp_path / "gone.json"))
     assert "nope.nii.gz listed in 'training' does not exist" in _messages(err.value)
@@ -110,8 +130,19 @@ def test_bad_datalists_fail_clearly(crops, tmp_path):
 
 def test_two_process_ddp_run_on_gloo(crops, tmp_path):
     files = "['configs/train_autoencoder.json','configs/multi_gpu_train_autoencoder.json','configs/tiny.json']"
-    res = torchrun(files, "--datalist", str(crops / "datalist.json"), "--ckpt_dir", str(tmp_path), "--output_dir",
-                   str(tmp_path / "tb"), "--max_epochs", "2", "--max_seconds", "0.001")
+    res = torchrun(
+        files,
+        "--datalist",
+        str(crops / "datalist.json"),
+        "--ckpt_dir",
+        str(tmp_path),
+        "--output_dir",
+        str(tmp_path / "tb"),
+        "--max_epochs",
+        "2",
+        "--max_seconds",
+        "0.001",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert not (tmp_path / "autoencoder_checkpoint_epoch=2.pt").exists()  # both ranks kept the time budget
     state = torch.load(tmp_path / "autoencoder_checkpoint_epoch=1.pt", weights_only=True)
@@ -151,7 +182,7 @@ def _border_ratio(halo: int) -> float:
     near = np.zeros(err.shape[0], bool)
     for b in borders:
         if 0 < b < err.shape[0]:
-            near[max(0, b - 3):b + 3] = True
+            near[max(0, b - 3) : b + 3] = True
     return float(err[near].mean() / err[~near].mean())
 
 
@@ -167,8 +198,12 @@ def test_reconstruct_volume_keeps_odd_shapes():
 
 
 def test_old_monai_generative_checkpoint_loads(tmp_path):
-    kw = dict(attention_levels=[False, True], with_encoder_nonlocal_attn=True, with_decoder_nonlocal_attn=True,
-              include_fc=True)
+    kw = dict(
+        attention_levels=[False, True],
+        with_encoder_nonlocal_attn=True,
+        with_decoder_nonlocal_attn=True,
+        include_fc=True,
+    )
     new = tiny_autoencoder(**kw)
     old = {}
     for k, v in new.state_dict().items():  # the MONAI Generative names of the same weights
@@ -184,15 +219,34 @@ def test_old_monai_generative_checkpoint_loads(tmp_path):
 
 def _reinit(kw) -> AutoencoderKL:
     torch.manual_seed(123)
-    args = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=[8, 16], latent_channels=2,
-                num_res_blocks=[1, 1], norm_num_groups=4)
+    args = dict(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=[8, 16],
+        latent_channels=2,
+        num_res_blocks=[1, 1],
+        norm_num_groups=4,
+    )
     return AutoencoderKL(**args, **kw).eval()
 
 
 def test_prepare_latents_writes_latents_and_a_datalist(trained, crops, tmp_path):
     ckpt = trained[0]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "['configs/prepare_latents.json','configs/tiny.json']",
-           "--ckpt_dir", str(ckpt), "--datalist", str(crops / "datalist.json"), "--output_dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/prepare_latents.json','configs/tiny.json']",
+        "--ckpt_dir",
+        str(ckpt),
+        "--datalist",
+        str(crops / "datalist.json"),
+        "--output_dir",
+        str(tmp_path),
+    ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     dl = json.loads((tmp_path / "datalist_latents.json").read_text())

@@ -11,7 +11,6 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-
 from scripts.degradations import thick_slice_affine
 from tests.conftest import ROOT, SHARED, assert_user_error, ct_phantom
 
@@ -24,8 +23,17 @@ def bundle_run(config: str, *args: str) -> subprocess.CompletedProcess:
 def test_simulate_thick_slices_then_evaluate(tmp_path, phantom_file):
     before = hashlib.sha256(phantom_file.read_bytes()).hexdigest()
     out = tmp_path / "thick.nii.gz"
-    res = bundle_run("simulate.json", "--input_image", str(phantom_file), "--output_image", str(out),
-                     "--operator", "thick_slice", "--factor", "3")
+    res = bundle_run(
+        "simulate.json",
+        "--input_image",
+        str(phantom_file),
+        "--output_image",
+        str(out),
+        "--operator",
+        "thick_slice",
+        "--factor",
+        "3",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert hashlib.sha256(phantom_file.read_bytes()).hexdigest() == before  # input untouched
     thick = nib.load(out)
@@ -52,12 +60,10 @@ def test_bad_input_exits_non_zero_with_the_reason_and_no_output(tmp_path, proble
     elif problem == "2d":
         nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), src)
     out = tmp_path / "out.nii.gz"
-    res = bundle_run("simulate.json", "--input_image", str(src), "--output_image", str(out),
-                     "--operator", "blur")
+    res = bundle_run("simulate.json", "--input_image", str(src), "--output_image", str(out), "--operator", "blur")
     reason = {"missing": "no such file", "nan": "NaN or Inf", "2d": "expected a 3D volume"}[problem]
     assert_user_error(res, f"{src}: ", reason)
-    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == (["in.nii.gz"] if problem != "missing"
-                                                                          else [])
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == (["in.nii.gz"] if problem != "missing" else [])
 
 
 def test_metadata_follows_the_bundle_schema():
@@ -103,8 +109,9 @@ def test_data_format_passes_verify_net_in_out(name, net_id):
 
     spec = data_format(name)
     extra = {"timesteps": torch.tensor([500])} if "timesteps" in spec["inputs"] else {}
-    args = dict(net_id=net_id, meta_file=str(META), config_file=str(COMMON), device="cpu", n=2,
-                extra_forward_args=extra)
+    args = dict(
+        net_id=net_id, meta_file=str(META), config_file=str(COMMON), device="cpu", n=2, extra_forward_args=extra
+    )
     verify_net_in_out(**args, **{"_meta_#network_data_format": spec})
     spec["outputs"]["pred"]["num_channels"] += 1
     with pytest.raises(ValueError, match="channel"):
@@ -133,7 +140,8 @@ def test_autoencoder_and_controlnet_data_formats_match_the_networks():
     cond = torch.rand(1, cn_spec["controlnet_cond"]["num_channels"], *spatial(cn_spec["controlnet_cond"], n))
     with torch.no_grad():
         down, mid = common.get_parsed_content("controlnet_def").eval()(
-            latent, torch.tensor([500]), cond, cn_spec["conditioning_scale"])
+            latent, torch.tensor([500]), cond, cn_spec["conditioning_scale"]
+        )
     out_spec = data_format("controlnet")["outputs"]
     assert isinstance(down, (tuple, list)) and out_spec["down_block_res_samples"]["type"] == "tuple"
     check_tensor(down[0], out_spec["down_block_res_samples"], n)
@@ -141,7 +149,8 @@ def test_autoencoder_and_controlnet_data_formats_match_the_networks():
     # the residuals must fit the prior they steer
     with torch.no_grad():
         pred = common.get_parsed_content("diffusion_def").eval()(
-            latent, torch.tensor([500]), down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            latent, torch.tensor([500]), down_block_additional_residuals=down, mid_block_additional_residual=mid
+        )
     check_tensor(pred, data_format("network")["outputs"]["pred"], n)
 
 
@@ -150,8 +159,10 @@ def test_the_shipped_networks_fit_the_weight_budget():
     from monai.bundle import ConfigParser
 
     common = ConfigParser(json.loads(COMMON.read_text()))
-    sizes = {name: 4 * sum(p.numel() for p in common.get_parsed_content(f"{name}_def").parameters())
-             for name in ("autoencoder", "diffusion", "controlnet", "regression")}
+    sizes = {
+        name: 4 * sum(p.numel() for p in common.get_parsed_content(f"{name}_def").parameters())
+        for name in ("autoencoder", "diffusion", "controlnet", "regression")
+    }
     assert sum(sizes.values()) <= 150e6, sizes
 
 
@@ -165,10 +176,27 @@ def test_training_commands_report_bad_settings_in_one_line(crops, tmp_path, prob
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": [] if problem == "empty" else entries, "validation": entries}))
     config = "train_controlnet.json" if problem == "no_earlier_stage" else "train_regression.json"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
-           f"['configs/{config}','configs/tiny.json']", "--datalist", str(datalist), "--ckpt_dir",
-           str(tmp_path / "models"), "--output_dir", str(tmp_path / "tb"), "--max_epochs", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        f"['configs/{config}','configs/tiny.json']",
+        "--datalist",
+        str(datalist),
+        "--ckpt_dir",
+        str(tmp_path / "models"),
+        "--output_dir",
+        str(tmp_path / "tb"),
+        "--max_epochs",
+        "1",
+    ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    expected = {"missing_entry": f"{tmp_path / 'gone.nii.gz'} listed in 'training' does not exist",
-                "empty": "the 'training' list is missing or empty", "no_earlier_stage": "diffusion.pt: no weights"}
+    expected = {
+        "missing_entry": f"{tmp_path / 'gone.nii.gz'} listed in 'training' does not exist",
+        "empty": "the 'training' list is missing or empty",
+        "no_earlier_stage": "diffusion.pt: no weights",
+    }
     assert_user_error(res, expected[problem])

@@ -15,7 +15,6 @@ from ignite.metrics import Metric
 from monai.bundle import ConfigParser
 from monai.engines import SupervisedEvaluator
 from monai.handlers import ValidationHandler
-
 from scripts.checkpoints import ResumeHandler, TimeBudget, TrainingCheckpointSaver, ValidationRecord, WarmStart
 from scripts.options import flag
 from tests.conftest import ROOT
@@ -101,14 +100,25 @@ def validated_training(stage: str, ckpt, values, epochs: range, state: dict | No
     with a MONAI evaluator whose key metric yields ``values`` and the stage config's best-model saver; as after a
     restart when ``state`` (a ValidationRecord state) is given. Returns the trainer and the record."""
     raw = json.loads((ROOT / "configs" / f"train_{stage}.json").read_text())
-    parser = ConfigParser({"saver": {**raw["validate"]["best_saver"], "save_dir": str(ckpt),
-                                     "save_dict": {stage: "$torch.nn.Linear(1, 1)"}}})
+    parser = ConfigParser(
+        {
+            "saver": {
+                **raw["validate"]["best_saver"],
+                "save_dir": str(ckpt),
+                "save_dict": {stage: "$torch.nn.Linear(1, 1)"},
+            }
+        }
+    )
     saver = parser.get_parsed_content("saver", lazy=False)
     net = saver.save_dict[stage]
     evaluator = SupervisedEvaluator(
-        "cpu", [{"image": torch.zeros(1, 1), "label": torch.zeros(1, 1)}], torch.nn.Identity(),
-        key_val_metric={"val": Scripted(values)}, val_handlers=[saver],
-        metric_cmp_fn=(lambda c, b: c < b) if LOWER_IS_BETTER[stage] else (lambda c, b: c > b))
+        "cpu",
+        [{"image": torch.zeros(1, 1), "label": torch.zeros(1, 1)}],
+        torch.nn.Identity(),
+        key_val_metric={"val": Scripted(values)},
+        val_handlers=[saver],
+        metric_cmp_fn=(lambda c, b: c < b) if LOWER_IS_BETTER[stage] else (lambda c, b: c > b),
+    )
     trainer = Engine(lambda e, b: net.weight.data.fill_(e.state.epoch))
     record = ValidationRecord(evaluator, saver, patience)
     ValidationHandler(1, evaluator).attach(trainer)
@@ -161,8 +171,10 @@ def test_warm_start_loads_weights_and_a_resumed_checkpoint_wins(tmp_path):
 
     warm = WarmStart(str(tmp_path / "start.pt"), [net, wrapper])
     assert all(torch.equal(w, start.weight) for w in first_weights([warm]))
-    torch.save({"net": resumed.state_dict(), "trainer": {"epoch": 1, "max_epochs": 2, "epoch_length": 1}},
-               tmp_path / "x_checkpoint_epoch=1.pt")
+    torch.save(
+        {"net": resumed.state_dict(), "trainer": {"epoch": 1, "max_epochs": 2, "epoch_length": 1}},
+        tmp_path / "x_checkpoint_epoch=1.pt",
+    )
     resume = ResumeHandler(True, str(tmp_path), "x", {"net": net})
     assert torch.equal(first_weights([warm, resume])[0], resumed.weight)  # a checkpoint without amp_scalers too
     assert torch.equal(first_weights([WarmStart(None, [net])])[0], net.weight)  # off: nothing loaded
@@ -182,8 +194,9 @@ def test_a_resumed_run_keeps_its_amp_loss_scale(tmp_path):
             setattr(engine, name, scaler)
         return engine
 
-    first = trainer(scaler=torch.amp.GradScaler("cpu", init_scale=1024.0),
-                    d_scaler=torch.amp.GradScaler("cpu", init_scale=8.0))
+    first = trainer(
+        scaler=torch.amp.GradScaler("cpu", init_scale=1024.0), d_scaler=torch.amp.GradScaler("cpu", init_scale=8.0)
+    )
     TrainingCheckpointSaver(str(tmp_path), {"net": net}, "x").attach(first)
     first.run([0], max_epochs=1)
     second = trainer(scaler=torch.amp.GradScaler("cpu"), d_scaler=torch.amp.GradScaler("cpu"))

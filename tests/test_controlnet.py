@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigParser
-
 from tests.conftest import ROOT, mlflow_record, torchrun, tracking
 
 CONFIGS = ["configs/train_controlnet.json", "configs/tiny.json"]
@@ -31,8 +30,15 @@ def frozen(tmp_path_factory) -> Path:
 def parse(crops: Path, ckpt: Path, **overrides) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config([str(ROOT / c) for c in CONFIGS])
-    parser.update({"bundle_root": str(ROOT), "datalist": str(crops / "datalist.json"), "ckpt_dir": str(ckpt),
-                   "output_dir": str(ckpt / "tb"), **overrides})
+    parser.update(
+        {
+            "bundle_root": str(ROOT),
+            "datalist": str(crops / "datalist.json"),
+            "ckpt_dir": str(ckpt),
+            "output_dir": str(ckpt / "tb"),
+            **overrides,
+        }
+    )
     return parser
 
 
@@ -79,12 +85,12 @@ def test_the_condition_reaches_the_controlnet_from_its_first_step():
     prediction still ignores the condition. The bundle re-initialises the embedding's last layer; the ControlNet
     is a no-op at the start either way."""
     from monai.inferers import ControlNetDiffusionInferer
-
     from scripts.diffusion import controlnet_from_prior
 
     tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
     scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
-        "scheduler_def")
+        "scheduler_def"
+    )
     inferer = ControlNetDiffusionInferer(scheduler)
     gen = torch.Generator().manual_seed(0)
     latent, noise, cond = (torch.randn(2, 2, 8, 8, 4, generator=gen) for _ in range(3))
@@ -121,8 +127,18 @@ def test_controlnet_two_process_ddp_with_mlflow(crops, frozen, tmp_path):
     """Two processes (gloo); rank 0 alone records parameters, metrics and the final checkpoint in MLflow."""
     shutil.copytree(frozen, tmp_path / "ckpt")
     files = "['configs/train_controlnet.json','configs/multi_gpu_train_controlnet.json','configs/tiny.json']"
-    res = torchrun(files, "--datalist", str(crops / "datalist.json"), "--ckpt_dir", str(tmp_path / "ckpt"),
-                   "--output_dir", str(tmp_path / "tb"), "--max_epochs", "1", *tracking(tmp_path / "mlruns.db"))
+    res = torchrun(
+        files,
+        "--datalist",
+        str(crops / "datalist.json"),
+        "--ckpt_dir",
+        str(tmp_path / "ckpt"),
+        "--output_dir",
+        str(tmp_path / "tb"),
+        "--max_epochs",
+        "1",
+        *tracking(tmp_path / "mlruns.db"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     run, artifacts = mlflow_record(tmp_path / "mlruns.db")
     assert {"train_loss", "val_noise_mse", "val_noise_mse_blind"} <= set(run.data.metrics)

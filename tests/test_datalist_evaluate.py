@@ -8,7 +8,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from scripts.datalist import make_datalist, patch_fill, read_datalist, split_regions
 from scripts.evaluate import evaluate
 from scripts.volumes import VolumeError
@@ -27,13 +26,23 @@ def test_split_keeps_each_patient_in_one_list(tmp_path):
         for visit in range(3):
             _touch_nifti(tmp_path / f"pat{patient:02d}_visit{visit}.nii.gz")
     out = tmp_path / "datalist.json"
-    dl = make_datalist(str(tmp_path), str(out), patient_pattern=r"(?P<patient>pat\d+)_", val_fraction=0.2,
-                       test_fraction=0.2, num_folds=3, seed=1)
+    dl = make_datalist(
+        str(tmp_path),
+        str(out),
+        patient_pattern=r"(?P<patient>pat\d+)_",
+        val_fraction=0.2,
+        test_fraction=0.2,
+        num_folds=3,
+        seed=1,
+    )
     assert json.loads(out.read_text()) == dl
     groups = {k: {e["patient"] for e in dl[k]} for k in ("training", "validation", "testing")}
     assert [len(groups[k]) for k in ("training", "validation", "testing")] == [6, 2, 2]
-    assert not (groups["training"] & groups["validation"] or groups["training"] & groups["testing"]
-                or groups["validation"] & groups["testing"])
+    assert not (
+        groups["training"] & groups["validation"]
+        or groups["training"] & groups["testing"]
+        or groups["validation"] & groups["testing"]
+    )
     folds = {}
     for e in dl["training"]:
         folds.setdefault(e["patient"], set()).add(e["fold"])
@@ -73,7 +82,7 @@ def test_region_split_holds_out_the_top_of_the_anatomy_with_a_gap(tmp_path):
         assert item["modality"] == "ct"
         img = nib.load(item["image"])
         np.testing.assert_allclose(img.affine[:3, 3], (affine @ [0, 0, start, 1])[:3])  # world position kept
-        np.testing.assert_array_equal(np.asarray(img.dataobj), vol[:, :, start:start + img.shape[2]])
+        np.testing.assert_array_equal(np.asarray(img.dataobj), vol[:, :, start : start + img.shape[2]])
     with pytest.raises(ValueError, match="too few"):
         split_regions(str(tmp_path), str(tmp_path / "r2"), {"ct.nii.gz": "ct"}, val_fraction=0.5, gap_mm=40.0)
     # copied with its data to another machine, whose absolute dataroot does not exist there, it still reads
@@ -83,10 +92,13 @@ def test_region_split_holds_out_the_top_of_the_anatomy_with_a_gap(tmp_path):
     assert item["image"] == str(moved / "ct_training.nii.gz")
     (tmp_path / "elsewhere").rename(tmp_path / "regions")
     # the 40x40x16 training slab fills a 32x32x32 patch to half its depth, the 6-slice validation slab to 3/16
-    fills = {k: patch_fill(str(tmp_path / "regions" / "datalist.json"), (32, 32, 32), k)
-             for k in ("training", "validation")}
-    assert fills == {"training": {"ct_training.nii.gz": ((40, 40, 16), 0.5)},
-                     "validation": {"ct_validation.nii.gz": ((40, 40, 6), 6 / 32)}}
+    fills = {
+        k: patch_fill(str(tmp_path / "regions" / "datalist.json"), (32, 32, 32), k) for k in ("training", "validation")
+    }
+    assert fills == {
+        "training": {"ct_training.nii.gz": ((40, 40, 16), 0.5)},
+        "validation": {"ct_validation.nii.gz": ((40, 40, 6), 6 / 32)},
+    }
 
 
 def test_evaluate_writes_json_csv_and_montages(tmp_path):
@@ -114,9 +126,8 @@ def test_evaluate_refuses_mismatched_grids(tmp_path):
 
 
 def test_training_curves_from_tensorboard_logs(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
-
     from scripts.figures import training_curves
+    from torch.utils.tensorboard import SummaryWriter
 
     for run, tags in {"ae": ("loss", "val_psnr"), "prior": ("train_loss", "val_noise_mse")}.items():
         writer = SummaryWriter(str(tmp_path / run))

@@ -9,11 +9,10 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, CopyItemsd
-
 from scripts.baselines import resample
 from scripts.degradations import (
-    ByModalityd,
     MU_WATER_PER_MM,
+    ByModalityd,
     RandBlurd,
     RandKSpaceTruncated,
     RandLowDoseCTd,
@@ -38,7 +37,7 @@ def test_integer_thick_slices_are_means_of_their_thin_slices():
     y = thick_slice(x, 3, axis=2, profile="box")
     assert y.shape == (5, 6, 4)
     for k in range(4):
-        torch.testing.assert_close(y[..., k], x[..., 3 * k:3 * k + 3].mean(-1))
+        torch.testing.assert_close(y[..., k], x[..., 3 * k : 3 * k + 3].mean(-1))
 
 
 def test_thick_slices_along_another_axis():
@@ -159,8 +158,9 @@ def test_lowdose_image_noise_scales_with_dose_and_is_added_only():
     x = torch.as_tensor(vol)
 
     def noise_std(dose, seed):
-        y = lowdose_ct(x, [1, 1, 2], dose_fraction=dose, photons=2e4, n_views=180,
-                       generator=torch.Generator().manual_seed(seed))
+        y = lowdose_ct(
+            x, [1, 1, 2], dose_fraction=dose, photons=2e4, n_views=180, generator=torch.Generator().manual_seed(seed)
+        )
         return (y - x)[24:40, 24:40].std().item(), y
 
     s_half, _ = noise_std(0.5, 0)
@@ -177,12 +177,14 @@ def _meta(vol, affine):
 
 def test_transforms_make_seeded_pairs_and_record_parameters():
     vol, affine = ct_phantom(shape=(32, 32, 12))
-    pipeline = Compose([
-        CopyItemsd(keys="image", names="degraded"),
-        RandThickSliced("degraded", factor_range=(2, 4)),
-        RandLowDoseCTd("degraded", dose_range=(0.2, 0.3), n_views=90),
-        RandBlurd("degraded", size_mm_range=(0.5, 1.0)),
-    ]).set_random_state(3)
+    pipeline = Compose(
+        [
+            CopyItemsd(keys="image", names="degraded"),
+            RandThickSliced("degraded", factor_range=(2, 4)),
+            RandLowDoseCTd("degraded", dose_range=(0.2, 0.3), n_views=90),
+            RandBlurd("degraded", size_mm_range=(0.5, 1.0)),
+        ]
+    ).set_random_state(3)
     out1 = pipeline({"image": _meta(vol, affine)})
     pipeline.set_random_state(3)
     out2 = pipeline({"image": _meta(vol, affine)})
@@ -205,8 +207,11 @@ def test_thick_transform_without_resampling_updates_the_affine():
 
 def test_mixed_datalist_items_get_the_degradations_of_their_modality():
     vol, affine = ct_phantom(shape=(32, 32, 8))
-    by_modality = ByModalityd("image", {"ct": RandLowDoseCTd("image", (0.25, 0.25), n_views=60),
-                                        "mr": RandRicianNoised("image", (0.05, 0.05))}, default_modality="ct")
+    by_modality = ByModalityd(
+        "image",
+        {"ct": RandLowDoseCTd("image", (0.25, 0.25), n_views=60), "mr": RandRicianNoised("image", (0.05, 0.05))},
+        default_modality="ct",
+    )
     pipeline = Compose([by_modality]).set_random_state(1)
     ct = pipeline({"image": _meta(vol, affine)})  # no modality entry: the default
     mr = pipeline({"image": _meta(vol + 1000.0, affine), "modality": "MR"})
@@ -240,4 +245,6 @@ def test_linear_operators_have_gradients_and_adjoints(op):
     # <A x, y> == <x, A^T y> with A^T from autograd's vector-Jacobian product
     y = torch.rand_like(op(x))
     (at_y,) = torch.autograd.grad(op(x), x, y)
-    assert torch.dot(op(x).flatten(), y.flatten()).item() == pytest.approx(torch.dot(x.flatten(), at_y.flatten()).item())
+    assert torch.dot(op(x).flatten(), y.flatten()).item() == pytest.approx(
+        torch.dot(x.flatten(), at_y.flatten()).item()
+    )

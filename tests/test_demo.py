@@ -4,7 +4,6 @@ import json
 
 import nibabel as nib
 import numpy as np
-
 from scripts.demo import TASKS, run_demo
 
 TINY = ("configs/inference.json", "configs/tiny.json")
@@ -13,9 +12,17 @@ WINDOW = {"roi_size": [32, 32, 16], "overlap": 0.25, "sampling_overlap": 0.5}
 
 def test_demo_runs_ours_on_both_tasks_when_weights_exist(crops, weights, tmp_path, capsys):
     out = tmp_path / "demo"
-    report = run_demo(str(crops / "c.nii.gz"), str(out), ckpt_dir=str(weights), network_configs=TINY,
-                      num_inference_steps=2, sliding_window=WINDOW, strength=0.5, residual_decoding=True,
-                      consistency=True)  # the main job's defaults
+    report = run_demo(
+        str(crops / "c.nii.gz"),
+        str(out),
+        ckpt_dir=str(weights),
+        network_configs=TINY,
+        num_inference_steps=2,
+        sliding_window=WINDOW,
+        strength=0.5,
+        residual_decoding=True,
+        consistency=True,
+    )  # the main job's defaults
     ref = nib.load(crops / "c.nii.gz")
     for task in TASKS:
         assert set(report[task]["ours"]["metrics"]) >= {"psnr", "ssim", "hu_mae_body"}
@@ -28,8 +35,9 @@ def test_demo_runs_ours_on_both_tasks_when_weights_exist(crops, weights, tmp_pat
 
 
 def test_demo_without_weights_says_it_is_the_classical_baseline(crops, tmp_path, capsys):
-    report = run_demo(str(crops / "c.nii.gz"), str(tmp_path / "demo"), ckpt_dir=str(tmp_path / "no_weights"),
-                      network_configs=TINY)
+    report = run_demo(
+        str(crops / "c.nii.gz"), str(tmp_path / "demo"), ckpt_dir=str(tmp_path / "no_weights"), network_configs=TINY
+    )
     assert all("ours" not in methods for methods in report.values())
     assert {"trilinear", "bspline"} <= set(report["ct_sr_5to10mm"])
     assert "CLASSICAL BASELINE ONLY" in capsys.readouterr().out
@@ -38,7 +46,6 @@ def test_demo_without_weights_says_it_is_the_classical_baseline(crops, tmp_path,
 def test_demo_runs_the_regression_stage_when_only_its_weights_exist(crops, tmp_path, capsys):
     import torch
     from monai.bundle import ConfigParser
-
     from tests.conftest import ROOT
 
     ckpt = tmp_path / "models"
@@ -46,8 +53,9 @@ def test_demo_runs_the_regression_stage_when_only_its_weights_exist(crops, tmp_p
     tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
     torch.save(tiny.get_parsed_content("regression_def").state_dict(), ckpt / "regression.pt")
     out = tmp_path / "demo"
-    report = run_demo(str(crops / "c.nii.gz"), str(out), ckpt_dir=str(ckpt), network_configs=TINY,
-                      sliding_window=WINDOW)
+    report = run_demo(
+        str(crops / "c.nii.gz"), str(out), ckpt_dir=str(ckpt), network_configs=TINY, sliding_window=WINDOW
+    )
     printed = capsys.readouterr().out
     assert all("regression" in methods and "ours" not in methods for methods in report.values())
     assert "CLASSICAL BASELINE ONLY" not in printed and "regression stage" in printed

@@ -13,7 +13,6 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-
 from scripts.dicom import LPS_TO_RAS, list_series, read_series, series_template, write_series
 from scripts.volumes import VolumeError, load_volume
 from tests.conftest import ROOT, assert_user_error
@@ -157,15 +156,23 @@ def test_mixed_slice_sizes_are_refused(tmp_path):
 def test_convert_command_keeps_the_affine(tmp_path):
     make_series(tmp_path / "s", n=4, gap=3.0)
     out = tmp_path / "ct.nii.gz"
-    res = subprocess.run([sys.executable, "-m", "scripts.dicom", "convert", str(tmp_path / "s"), str(out)],
-                         cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.dicom", "convert", str(tmp_path / "s"), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     direct = read_series(tmp_path / "s")
     nii = nib.load(out)
     np.testing.assert_allclose(nii.affine, np.asarray(direct.affine), atol=1e-5)
     np.testing.assert_allclose(np.asarray(nii.dataobj), direct[0].numpy())
-    bad = subprocess.run([sys.executable, "-m", "scripts.dicom", "convert", str(tmp_path / "nope"), str(out) + "x"],
-                         cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "scripts.dicom", "convert", str(tmp_path / "nope"), str(out) + "x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert_user_error(bad, "nope: no such file")
     assert not (tmp_path / "ct.nii.gzx").exists()
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
-
 from scripts.autoencoder import prepare_latents
 from tests.conftest import ROOT, mlflow_record, run_config, torchrun, tracking
 from tests.test_autoencoder import _messages, tiny_autoencoder
@@ -30,8 +29,14 @@ def latents(crops, tmp_path_factory) -> Path:
 def run_diffusion(latents: Path, ckpt: Path, stop_after_epoch: int | None = None, **overrides):
     ckpt.mkdir(parents=True, exist_ok=True)
     shutil.copy(latents / "autoencoder_scale.json", ckpt)
-    return run_config(CONFIGS, stop_after_epoch, datalist=str(latents / "datalist_latents.json"),
-                      ckpt_dir=str(ckpt), output_dir=str(ckpt / "tb"), **overrides)
+    return run_config(
+        CONFIGS,
+        stop_after_epoch,
+        datalist=str(latents / "datalist_latents.json"),
+        ckpt_dir=str(ckpt),
+        output_dir=str(ckpt / "tb"),
+        **overrides,
+    )
 
 
 def test_prior_trains_on_scaled_latents_and_keeps_an_ema(latents, tmp_path):
@@ -100,8 +105,18 @@ def test_prior_two_process_ddp_with_mlflow(latents, tmp_path):
     """Two processes (gloo); rank 0 alone records parameters, metrics and the final checkpoint in MLflow."""
     shutil.copy(latents / "autoencoder_scale.json", tmp_path)
     files = "['configs/train_diffusion.json','configs/multi_gpu_train_diffusion.json','configs/tiny.json']"
-    res = torchrun(files, "--datalist", str(latents / "datalist_latents.json"), "--ckpt_dir", str(tmp_path),
-                   "--output_dir", str(tmp_path / "tb"), "--max_epochs", "1", *tracking(tmp_path / "mlruns.db"))
+    res = torchrun(
+        files,
+        "--datalist",
+        str(latents / "datalist_latents.json"),
+        "--ckpt_dir",
+        str(tmp_path),
+        "--output_dir",
+        str(tmp_path / "tb"),
+        "--max_epochs",
+        "1",
+        *tracking(tmp_path / "mlruns.db"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     run, artifacts = mlflow_record(tmp_path / "mlruns.db")
     assert {"train_loss", "val_noise_mse"} <= set(run.data.metrics) and run.data.params["max_epochs"] == "1"
@@ -122,10 +137,14 @@ def test_training_can_start_from_earlier_weights(latents, tmp_path):
     """``--init_weights`` loads the prior and its EMA copy; with the learning rate at 0 the best model kept by
     validation (the EMA's) is exactly the file it started from."""
     torch.manual_seed(1)
-    start = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text())).get_parsed_content(
-        "diffusion_def").state_dict()
+    start = (
+        ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
+        .get_parsed_content("diffusion_def")
+        .state_dict()
+    )
     torch.save(start, tmp_path / "start.pt")
-    run_diffusion(latents, tmp_path / "ckpt", max_epochs=1, val_interval=1, lr=0.0,
-                  init_weights=str(tmp_path / "start.pt"))
+    run_diffusion(
+        latents, tmp_path / "ckpt", max_epochs=1, val_interval=1, lr=0.0, init_weights=str(tmp_path / "start.pt")
+    )
     best = torch.load(tmp_path / "ckpt" / "diffusion.pt", weights_only=True)
     assert all(torch.equal(best[k], v) for k, v in start.items())

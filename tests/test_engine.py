@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from monai.bundle import ConfigParser
-
 from scripts.engine import AutocastInferer, autocast, channels_last, cpu_bf16, prepare_network, run_network
 from scripts.intensity import denormalize, intensity_params, normalize
 from scripts.volumes import load_volume

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, ckpt_export
-
 from scripts.diffusion import ControlledDenoiser
 from scripts.export import LatentDecoder, LatentEncoder, denoiser
 from tests.conftest import ROOT
@@ -33,8 +32,14 @@ def export(net_id: str, configs: list[str], ckpt_file: Path, filepath: Path, **k
     cwd = os.getcwd()
     os.chdir(ROOT)  # the configs name configs/common.json relative to the bundle root
     try:
-        ckpt_export(net_id=net_id, filepath=str(filepath), ckpt_file=str(ckpt_file), meta_file=META,
-                    config_file=[str(ROOT / "configs" / c) for c in configs] + [TINY], **kwargs)
+        ckpt_export(
+            net_id=net_id,
+            filepath=str(filepath),
+            ckpt_file=str(ckpt_file),
+            meta_file=META,
+            config_file=[str(ROOT / "configs" / c) for c in configs] + [TINY],
+            **kwargs,
+        )
     finally:
         os.chdir(cwd)
     extra = {"metadata.json": "", "inference.json": ""}
@@ -46,10 +51,22 @@ def export(net_id: str, configs: list[str], ckpt_file: Path, filepath: Path, **k
 
 def test_ckpt_export_of_the_autoencoder_halves_and_the_regression_peer(weights, tmp_path):
     ae = tiny_net("autoencoder", weights)
-    enc = export("encoder_def", ["inference.json", "export.json"], weights / "autoencoder.pt",
-                 tmp_path / "encoder.ts", use_trace=True, input_shape=[1, 1, 32, 32, 32])
-    dec = export("decoder_def", ["inference.json", "export.json"], weights / "autoencoder.pt",
-                 tmp_path / "decoder.ts", use_trace=True, input_shape=[1, 2, 8, 8, 8])
+    enc = export(
+        "encoder_def",
+        ["inference.json", "export.json"],
+        weights / "autoencoder.pt",
+        tmp_path / "encoder.ts",
+        use_trace=True,
+        input_shape=[1, 1, 32, 32, 32],
+    )
+    dec = export(
+        "decoder_def",
+        ["inference.json", "export.json"],
+        weights / "autoencoder.pt",
+        tmp_path / "decoder.ts",
+        use_trace=True,
+        input_shape=[1, 2, 8, 8, 8],
+    )
     x = torch.rand(1, 1, 48, 32, 16)  # another shape than the trace's
     with torch.no_grad():
         z = ae.encode(x)[0]
@@ -60,8 +77,12 @@ def test_ckpt_export_of_the_autoencoder_halves_and_the_regression_peer(weights, 
     torch.manual_seed(0)
     reg = ConfigParser(json.loads(Path(TINY).read_text())).get_parsed_content("regression_def").eval()
     torch.save(reg.state_dict(), tmp_path / "regression.pt")
-    ts = export("regression_def", ["inference.json", "inference_regression.json"], tmp_path / "regression.pt",
-                tmp_path / "regression.ts")  # scripted, not traced
+    ts = export(
+        "regression_def",
+        ["inference.json", "inference_regression.json"],
+        tmp_path / "regression.pt",
+        tmp_path / "regression.ts",
+    )  # scripted, not traced
     assert isinstance(ts, torch.jit.RecursiveScriptModule)
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
@@ -77,23 +98,52 @@ def test_traced_denoiser_matches_and_the_main_job_runs_from_exported_files(crops
     z, cond = torch.randn(1, 2, 16, 8, 8), torch.randn(1, 2, 16, 8, 8)  # the condition: encoded, on the latent grid
     with torch.no_grad():
         for t in (3, 700):  # the timestep is an input, not a constant of the trace
-            torch.testing.assert_close(ts(z, torch.tensor([t]), cond), eager(z, torch.tensor([t]), cond),
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                ts(z, torch.tensor([t]), cond), eager(z, torch.tensor([t]), cond), rtol=1e-4, atol=1e-5
+            )
     for half, shape in (("encoder", [1, 1, 32, 32, 32]), ("decoder", [1, 2, 8, 8, 8])):
-        export(f"{half}_def", ["inference.json", "export.json"], weights / "autoencoder.pt", exported / f"{half}.ts",
-               use_trace=True, input_shape=shape)
+        export(
+            f"{half}_def",
+            ["inference.json", "export.json"],
+            weights / "autoencoder.pt",
+            exported / f"{half}.ts",
+            use_trace=True,
+            input_shape=shape,
+        )
     (exported / "autoencoder_scale.json").write_text((weights / "autoencoder_scale.json").read_text())
 
     outs = {}
-    for name, configs, ckpt in (("eager", "['configs/inference.json','configs/tiny.json']", weights),
-                                ("exported", "['configs/inference.json','configs/tiny.json',"
-                                             "'configs/inference_exported.json']", exported)):
+    for name, configs, ckpt in (
+        ("eager", "['configs/inference.json','configs/tiny.json']", weights),
+        ("exported", "['configs/inference.json','configs/tiny.json'," "'configs/inference_exported.json']", exported),
+    ):
         outs[name] = tmp_path / f"{name}.nii.gz"
-        res = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", configs,
-                              "--input_image", str(crops / "c.nii.gz"), "--output_image", str(outs[name]),
-                              "--ckpt_dir", str(ckpt), "--num_inference_steps", "2", "--device", "cpu",
-                              "--amp", "false"],  # float32 both: a traced network does not follow autocast
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                configs,
+                "--input_image",
+                str(crops / "c.nii.gz"),
+                "--output_image",
+                str(outs[name]),
+                "--ckpt_dir",
+                str(ckpt),
+                "--num_inference_steps",
+                "2",
+                "--device",
+                "cpu",
+                "--amp",
+                "false",
+            ],  # float32 both: a traced network does not follow autocast
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
     a, b = (np.asarray(nib.load(outs[k]).dataobj).astype(np.int32) for k in ("eager", "exported"))
     assert np.abs(a - b).max() <= 1  # int16 HU: equal up to rounding

@@ -14,16 +14,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from scripts.enhance import depth_to_space, inference_parser, run, space_to_depth
 from scripts.grid import fov_grid
 from tests.conftest import ROOT, assert_user_error
 
 
-
 def networks(ckpt: Path) -> dict:
-    return inference_parser(["configs/inference.json", "configs/tiny.json"], ckpt_dir=str(ckpt),
-                            device="cpu").get_parsed_content("networks")
+    return inference_parser(
+        ["configs/inference.json", "configs/tiny.json"], ckpt_dir=str(ckpt), device="cpu"
+    ).get_parsed_content("networks")
 
 
 def sha(path: Path) -> str:
@@ -43,8 +42,15 @@ def test_super_resolution_contract(crops, weights, tmp_path):
     before = sha(src)
     nets = networks(weights)
     out = tmp_path / "sr.nii.gz"
-    res = run(str(src), str(out), networks=nets, target_spacing="[1.1406, 1.1406, 2.5]", num_inference_steps=2,
-              seed=3, sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25})
+    res = run(
+        str(src),
+        str(out),
+        networks=nets,
+        target_spacing="[1.1406, 1.1406, 2.5]",
+        num_inference_steps=2,
+        seed=3,
+        sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25},
+    )
     assert sha(src) == before  # the input is never modified
     img, ref = nib.load(out), nib.load(src)
     shape, affine, _ = fov_grid(ref.shape, ref.affine, [1.1406, 1.1406, 2.5])
@@ -54,20 +60,41 @@ def test_super_resolution_contract(crops, weights, tmp_path):
     # same orientation and field of view: the first output slice's low edge is the input's low edge
     np.testing.assert_allclose((img.affine @ [0, 0, -0.5, 1])[:3], (ref.affine @ [0, 0, -0.5, 1])[:3], atol=1e-3)
     again = tmp_path / "again.nii.gz"
-    run(str(src), str(again), networks=nets, target_spacing=[1.1406, 1.1406, 2.5], num_inference_steps=2, seed=3,
-        sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25}, consistency="false")  # as `--x false` arrives
+    run(
+        str(src),
+        str(again),
+        networks=nets,
+        target_spacing=[1.1406, 1.1406, 2.5],
+        num_inference_steps=2,
+        seed=3,
+        sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25},
+        consistency="false",
+    )  # as `--x false` arrives
     np.testing.assert_array_equal(np.asarray(img.dataobj), np.asarray(nib.load(again).dataobj))  # seeded
     other = tmp_path / "other.nii.gz"
-    run(str(src), str(other), networks=nets, target_spacing=[1.1406, 1.1406, 2.5], num_inference_steps=2, seed=4,
-        sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25})
+    run(
+        str(src),
+        str(other),
+        networks=nets,
+        target_spacing=[1.1406, 1.1406, 2.5],
+        num_inference_steps=2,
+        seed=4,
+        sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25},
+    )
     assert not np.array_equal(np.asarray(img.dataobj), np.asarray(nib.load(other).dataobj))
 
 
 def test_denoising_keeps_the_grid_and_writes_uncertainty(crops, weights, tmp_path):
     src = crops / "a.nii.gz"
     out = tmp_path / "dn.nii.gz"
-    res = run(str(src), str(out), networks=networks(weights), num_inference_steps=1, num_samples=2,
-              sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25})
+    res = run(
+        str(src),
+        str(out),
+        networks=networks(weights),
+        num_inference_steps=1,
+        num_samples=2,
+        sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25},
+    )
     img, ref = nib.load(out), nib.load(src)
     assert img.shape == ref.shape
     np.testing.assert_allclose(img.affine, ref.affine, atol=1e-4)
@@ -89,23 +116,35 @@ def test_batch_mode_output_feeds_auto3dseg(crops, weights, tmp_path):
         nib.save(nib.Nifti1Image(body, img.affine), data / f"{name}_label.nii.gz")
     (data / "sub").mkdir()
     shutil.copy(crops / "c.nii.gz", data / "sub" / "a.nii.gz")  # same file name in another folder
-    dl = {"name": "chest", "dataroot": str(data),
-          "training": [{"image": "a.nii.gz", "label": "a_label.nii.gz", "fold": 0},
-                       {"image": "b.nii.gz", "label": "b_label.nii.gz", "fold": 1}],
-          "testing": [{"image": "sub/a.nii.gz"}]}
+    dl = {
+        "name": "chest",
+        "dataroot": str(data),
+        "training": [
+            {"image": "a.nii.gz", "label": "a_label.nii.gz", "fold": 0},
+            {"image": "b.nii.gz", "label": "b_label.nii.gz", "fold": 1},
+        ],
+        "testing": [{"image": "sub/a.nii.gz"}],
+    }
     (tmp_path / "dl.json").write_text(json.dumps(dl))
-    target = run(datalist=str(tmp_path / "dl.json"), output_dir=str(tmp_path / "out"), networks=networks(weights),
-                 num_inference_steps=1, sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25})
+    target = run(
+        datalist=str(tmp_path / "dl.json"),
+        output_dir=str(tmp_path / "out"),
+        networks=networks(weights),
+        num_inference_steps=1,
+        sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25},
+    )
     new = json.loads(Path(target).read_text())
     assert new["name"] == "chest" and Path(new["dataroot"]) == tmp_path / "out"
     assert new["training"] == [
         {"image": "a_enhanced.nii.gz", "label": str(data / "a_label.nii.gz"), "fold": 0},
-        {"image": "b_enhanced.nii.gz", "label": str(data / "b_label.nii.gz"), "fold": 1}]
+        {"image": "b_enhanced.nii.gz", "label": str(data / "b_label.nii.gz"), "fold": 1},
+    ]
     assert new["testing"] == [{"image": "a_1_enhanced.nii.gz"}]  # no clash with training's a.nii.gz
     for entry in new["training"] + new["testing"]:
         assert (tmp_path / "out" / entry["image"]).is_file()
-    stats = DataAnalyzer(target, new["dataroot"], output_path=str(tmp_path / "stats.yaml"), device="cpu",
-                         worker=0, label_key="label").get_all_case_stats()
+    stats = DataAnalyzer(
+        target, new["dataroot"], output_path=str(tmp_path / "stats.yaml"), device="cpu", worker=0, label_key="label"
+    ).get_all_case_stats()
     cases = stats["stats_by_cases"]
     assert len(cases) == 2
     assert all(c["image_stats"]["shape"][0] == [64, 64, 16] for c in cases)
@@ -115,7 +154,6 @@ def test_dicom_series_in_dicom_series_out(crops, weights, tmp_path):
     """A DICOM input enhanced onto a finer grid comes back as a derived series that reads back to the NIfTI
     output's volume and affine, with the source's patient and study, new UIDs and exact HU."""
     import pydicom
-
     from scripts.dicom import new_template, read_series, write_series
 
     src_img = nib.load(crops / "c.nii.gz")
@@ -124,9 +162,15 @@ def test_dicom_series_in_dicom_series_out(crops, weights, tmp_path):
     write_series(np.asarray(src_img.dataobj), src_img.affine, template, tmp_path / "in")
     before = {p.name: sha(p) for p in (tmp_path / "in").iterdir()}
     out, dcm_out = tmp_path / "sr.nii.gz", tmp_path / "sr_dicom"
-    run(str(tmp_path / "in"), str(out), networks=networks(weights), target_spacing=[1.1406, 1.1406, 2.5],
-        num_inference_steps=1, sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25},
-        output_dicom=str(dcm_out))
+    run(
+        str(tmp_path / "in"),
+        str(out),
+        networks=networks(weights),
+        target_spacing=[1.1406, 1.1406, 2.5],
+        num_inference_steps=1,
+        sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25},
+        output_dicom=str(dcm_out),
+    )
     assert {p.name: sha(p) for p in (tmp_path / "in").iterdir()} == before
     nifti, back = nib.load(out), read_series(dcm_out)
     np.testing.assert_array_equal(back[0].numpy(), np.asarray(nifti.dataobj).astype(np.float32))
@@ -141,14 +185,27 @@ def test_dicom_series_in_dicom_series_out(crops, weights, tmp_path):
     assert float(ds.SliceThickness) == pytest.approx(2.5) and float(ds.RescaleSlope) == 1.0
     assert [float(v) for v in ds.PixelSpacing] == pytest.approx([1.1406, 1.1406], abs=1e-3)
     with pytest.raises(FileExistsError, match="not empty"):  # never overwrites a series
-        run(str(tmp_path / "in"), str(tmp_path / "again.nii.gz"), networks=networks(weights), num_inference_steps=1,
-            sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25}, output_dicom=str(dcm_out))
+        run(
+            str(tmp_path / "in"),
+            str(tmp_path / "again.nii.gz"),
+            networks=networks(weights),
+            num_inference_steps=1,
+            sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25},
+            output_dicom=str(dcm_out),
+        )
     assert not (tmp_path / "again.nii.gz").exists()
 
 
 def bundle(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           "['configs/inference.json','configs/tiny.json']", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/inference.json','configs/tiny.json']",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -157,8 +214,11 @@ def test_bad_input_gives_a_clear_error_and_no_output(crops, weights, tmp_path, p
     ckpt = tmp_path / "models"
     shutil.copytree(weights, ckpt)
     src, spacing = str(crops / "c.nii.gz"), "[1, 1, 2]"
-    expected = {"missing_input": "nope.nii.gz: no such file", "bad_spacing": "--target_spacing: must be three positive numbers",
-                "missing_weights": "controlnet.pt: no weights"}[problem]
+    expected = {
+        "missing_input": "nope.nii.gz: no such file",
+        "bad_spacing": "--target_spacing: must be three positive numbers",
+        "missing_weights": "controlnet.pt: no weights",
+    }[problem]
     if problem == "missing_input":
         src = str(tmp_path / "nope.nii.gz")
     elif problem == "bad_spacing":
@@ -166,8 +226,20 @@ def test_bad_input_gives_a_clear_error_and_no_output(crops, weights, tmp_path, p
     else:
         (ckpt / "controlnet.pt").unlink()
     out = tmp_path / "out.nii.gz"
-    res = bundle("--input_image", src, "--output_image", str(out), "--ckpt_dir", str(ckpt), "--target_spacing",
-                 spacing, "--num_inference_steps", "1", "--device", "cpu")
+    res = bundle(
+        "--input_image",
+        src,
+        "--output_image",
+        str(out),
+        "--ckpt_dir",
+        str(ckpt),
+        "--target_spacing",
+        spacing,
+        "--num_inference_steps",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert_user_error(res, expected)
     assert not out.exists() and not list(tmp_path.glob("*.nii*"))
 
@@ -193,8 +265,15 @@ def test_data_consistency_makes_the_re_degraded_output_match_the_input(crops, we
 
     src = crops / "c.nii.gz"
     out = tmp_path / "dc.nii.gz"
-    run(str(src), str(out), networks=networks(weights), target_spacing=[1.1406, 1.1406, 2.5], num_inference_steps=1,
-        consistency=True, sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25})
+    run(
+        str(src),
+        str(out),
+        networks=networks(weights),
+        target_spacing=[1.1406, 1.1406, 2.5],
+        num_inference_steps=1,
+        consistency=True,
+        sliding_window={"roi_size": [32, 32, 16], "overlap": 0.25},
+    )
     x = torch.as_tensor(np.asarray(nib.load(out).dataobj), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(nib.load(src).dataobj), dtype=torch.float64)
     redegraded = apply_along_axis(x, slab_matrix(16, 32), 2)
@@ -216,13 +295,18 @@ def test_a_deeper_prior_runs_on_a_latent_thinner_than_its_downsampling(weights):
     the image folded onto the latent grid."""
     from monai.data import MetaTensor
     from monai.networks.nets import ControlNet, DiffusionModelUNet
-
     from scripts.enhance import enhance_volume
     from scripts.posterior import posterior_sample
 
     torch.manual_seed(0)
-    levels = {"spatial_dims": 3, "in_channels": 2, "channels": [4, 8, 8], "attention_levels": [False] * 3,
-              "num_res_blocks": 1, "norm_num_groups": 4}
+    levels = {
+        "spatial_dims": 3,
+        "in_channels": 2,
+        "channels": [4, 8, 8],
+        "attention_levels": [False] * 3,
+        "num_res_blocks": 1,
+        "norm_num_groups": 4,
+    }
     nets = networks(weights)
     nets["diffusion"] = DiffusionModelUNet(out_channels=2, **levels).eval()
     image = MetaTensor(torch.rand(1, 20, 36, 6) * 1000 - 500, affine=torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0])))
@@ -231,12 +315,24 @@ def test_a_deeper_prior_runs_on_a_latent_thinner_than_its_downsampling(weights):
         embedding = dict(zip(("conditioning_embedding_in_channels", "conditioning_embedding_num_channels"), channels))
         nets["controlnet"] = ControlNet(**embedding, **levels).eval()
         nets["encode_condition"] = encoded
-        out, _, affine, _ = enhance_volume(image, nets, modality="ct", num_inference_steps=2, sliding_window=window,
-                                           progress=False)
+        out, _, affine, _ = enhance_volume(
+            image, nets, modality="ct", num_inference_steps=2, sliding_window=window, progress=False
+        )
         assert out.shape == (1, 20, 36, 6) and torch.isfinite(out).all()
-    x = posterior_sample(nets["autoencoder"], nets["diffusion"], nets["scheduler"], 1.0, torch.zeros(1, 1, 20, 36, 6),
-                         lambda v: v, (20, 36, 6), 0.1, 2, torch.Generator().manual_seed(0), roi_size=[8, 8, 4],
-                         progress=False)
+    x = posterior_sample(
+        nets["autoencoder"],
+        nets["diffusion"],
+        nets["scheduler"],
+        1.0,
+        torch.zeros(1, 1, 20, 36, 6),
+        lambda v: v,
+        (20, 36, 6),
+        0.1,
+        2,
+        torch.Generator().manual_seed(0),
+        roi_size=[8, 8, 4],
+        progress=False,
+    )
     assert x.shape == (1, 1, 20, 36, 6)
 
 
@@ -244,11 +340,11 @@ def test_strength_starts_from_the_noised_encoded_input_and_runs_only_the_last_st
     """SDEdit start: with ``strength`` 0.1 of 20 steps, 2 steps run from the condition's latent noised to the
     first of them, and the sample stays near it; at strength 1 all 20 run from pure noise."""
     from monai.bundle import ConfigParser
-
     from scripts.enhance import sample_latent
 
     scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
-        "inference_scheduler_def")
+        "inference_scheduler_def"
+    )
     cond = torch.randn(1, 2, 8, 8, 4, generator=torch.Generator().manual_seed(1))
     seen: list[int] = []
 
@@ -259,17 +355,48 @@ def test_strength_starts_from_the_noised_encoded_input_and_runs_only_the_last_st
     dist = {}
     for strength in (0.1, 1.0):
         seen.clear()
-        z = sample_latent(denoiser, scheduler, cond, 2, 1, 20, torch.Generator().manual_seed(0), [8, 8, 4],
-                          progress=False, strength=strength)
+        z = sample_latent(
+            denoiser,
+            scheduler,
+            cond,
+            2,
+            1,
+            20,
+            torch.Generator().manual_seed(0),
+            [8, 8, 4],
+            progress=False,
+            strength=strength,
+        )
         dist[strength] = float((z - cond).norm() / cond.norm())
         assert len(seen) == round(20 * strength)
     assert dist[0.1] < 0.5 and dist[1.0] > 10 * dist[0.1]
     with pytest.raises(ValueError, match="encode_condition"):
-        sample_latent(denoiser, scheduler, torch.rand(1, 1, 16, 16, 8), 2, 2, 20, torch.Generator(), [8, 8, 4],
-                      progress=False, strength=0.5)
+        sample_latent(
+            denoiser,
+            scheduler,
+            torch.rand(1, 1, 16, 16, 8),
+            2,
+            2,
+            20,
+            torch.Generator(),
+            [8, 8, 4],
+            progress=False,
+            strength=0.5,
+        )
     seen.clear()  # an image-conditioned ControlNet starts from the encoded input given as ``start``
-    z = sample_latent(denoiser, scheduler, torch.rand(1, 1, 16, 16, 8), 2, 2, 20, torch.Generator().manual_seed(0),
-                      [8, 8, 4], progress=False, strength=0.1, start=cond)
+    z = sample_latent(
+        denoiser,
+        scheduler,
+        torch.rand(1, 1, 16, 16, 8),
+        2,
+        2,
+        20,
+        torch.Generator().manual_seed(0),
+        [8, 8, 4],
+        progress=False,
+        strength=0.1,
+        start=cond,
+    )
     assert len(seen) == 2 and float((z - cond).norm() / cond.norm()) == pytest.approx(dist[0.1])
 
 
@@ -279,19 +406,32 @@ def test_sampling_with_an_oracle_denoiser_returns_the_clean_latent(roi, strength
     the clean latent (passed as the encoded condition, so each window sees its own part) predicts the exact
     noise, and deterministic DDIM must then end on that latent, with one window or many."""
     from monai.bundle import ConfigParser
-
     from scripts.enhance import sample_latent
 
     scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
-        "inference_scheduler_def")
+        "inference_scheduler_def"
+    )
     clean = torch.randn(1, 4, 16, 16, 8, generator=torch.Generator().manual_seed(0))
 
     def oracle(z: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         ab = scheduler.alphas_cumprod[int(t)]
         return (z - ab.sqrt() * condition) / (1 - ab).sqrt()
 
-    z = sample_latent(oracle, scheduler, clean, 4, 1, 10, torch.Generator().manual_seed(1), roi, overlap=0.5,
-                      halo=2, progress=False, unit=2, strength=strength)
+    z = sample_latent(
+        oracle,
+        scheduler,
+        clean,
+        4,
+        1,
+        10,
+        torch.Generator().manual_seed(1),
+        roi,
+        overlap=0.5,
+        halo=2,
+        progress=False,
+        unit=2,
+        strength=strength,
+    )
     torch.testing.assert_close(z, clean, atol=1e-4, rtol=1e-4)
 
 
@@ -312,7 +452,6 @@ def test_residual_decoding_keeps_what_the_autoencoder_loses():
     an untrained one: far from the input), and residual decoding ``c + D(z) - D(E(c))`` returns the input."""
     from monai.bundle import ConfigParser
     from monai.data import MetaTensor
-
     from scripts.enhance import enhance_volume
     from tests.conftest import ct_phantom
 
@@ -320,13 +459,23 @@ def test_residual_decoding_keeps_what_the_autoencoder_loses():
     tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
     torch.manual_seed(0)
     scheduler = common.get_parsed_content("inference_scheduler_def")
-    nets = {"autoencoder": tiny.get_parsed_content("autoencoder_def"), "denoiser": _OracleDenoiser(scheduler),
-            "scheduler": scheduler, "scale_factor": 0.7, "encode_condition": True, "latent_multiple": 1}
+    nets = {
+        "autoencoder": tiny.get_parsed_content("autoencoder_def"),
+        "denoiser": _OracleDenoiser(scheduler),
+        "scheduler": scheduler,
+        "scale_factor": 0.7,
+        "encode_condition": True,
+        "latent_multiple": 1,
+    }
     vol, affine = ct_phantom((32, 32, 16))
     image = MetaTensor(torch.as_tensor(vol, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
     sw = {"roi_size": [16, 16, 8], "overlap": 0.25, "sampling_overlap": 0.5}
-    out = {r: enhance_volume(image, nets, modality="ct", num_inference_steps=5, sliding_window=sw, progress=False,
-                             residual_decoding=r)[0] for r in (False, True)}
+    out = {
+        r: enhance_volume(
+            image, nets, modality="ct", num_inference_steps=5, sliding_window=sw, progress=False, residual_decoding=r
+        )[0]
+        for r in (False, True)
+    }
     x = image.as_tensor()
     assert (out[False] - x).abs().mean() > 100  # HU: the untrained decoder's reconstruction
     torch.testing.assert_close(out[True], x, atol=0.5, rtol=0)

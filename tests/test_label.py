@@ -10,17 +10,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-
 pytest.importorskip("monailabel", reason="install requirements-label.txt (make does)")
 
 
 def test_infer_task_enhances_the_opened_image(crops, weights, tmp_path):
     from monailabel.interfaces.tasks.infer_v2 import InferTask
+    from scripts.label_app.task import EnhanceTask
 
-    from scripts.label import EnhanceTask
-
-    task = EnhanceTask(ckpt_dir=str(weights), config_files=("configs/inference.json", "configs/tiny.json"),
-                       device="cpu")
+    task = EnhanceTask(
+        ckpt_dir=str(weights), config_files=("configs/inference.json", "configs/tiny.json"), device="cpu"
+    )
     assert isinstance(task, InferTask) and task.is_valid()
     assert task.info()["type"] == "others" and task.info()["dimension"] == 3
     src = tmp_path / "opened.nii.gz"
@@ -41,11 +40,11 @@ def test_infer_task_enhances_the_opened_image(crops, weights, tmp_path):
 def test_infer_task_answers_bad_input_with_a_422_and_the_reason(crops, weights, tmp_path, problem):
     """The user's image or settings are wrong: HTTP 422 whose detail is the one-line reason, and no output file."""
     from fastapi import HTTPException
+    from scripts.label_app.task import EnhanceTask
 
-    from scripts.label import EnhanceTask
-
-    task = EnhanceTask(ckpt_dir=str(weights), config_files=("configs/inference.json", "configs/tiny.json"),
-                       device="cpu")
+    task = EnhanceTask(
+        ckpt_dir=str(weights), config_files=("configs/inference.json", "configs/tiny.json"), device="cpu"
+    )
     request = {"image": str(crops / "c.nii.gz"), "target_spacing": "1,0,2", "num_inference_steps": 1}
     if problem == "missing_image":
         request.update(image=str(tmp_path / "gone.nii.gz"), target_spacing="")

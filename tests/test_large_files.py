@@ -9,7 +9,6 @@ import pytest
 import yaml
 from monai.apps.utils import HashCheckError
 from monai.bundle import download_large_files
-
 from tests.conftest import ROOT
 
 KEYS = {"path", "url", "hash_val", "hash_type"}

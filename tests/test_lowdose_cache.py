@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-
 from scripts.degradations import lowdose_ct
 from scripts.lowdose_cache import NOISE_KEY, LoadLowDoseNoised, RandCachedLowDoseCTd, build_cache
 from scripts.metrics import body_mask
@@ -36,8 +35,9 @@ def test_cached_noise_has_the_simulated_level(tmp_path):
     hu = torch.from_numpy(vol)
     for entry in ct["lowdose"]:
         cached = np.load(entry["noise"]).astype(np.float64)
-        fresh = (lowdose_ct(hu, (0.8, 0.8, 3.0), entry["dose_fraction"], generator=torch.Generator().manual_seed(7))
-                 - hu).numpy()
+        fresh = (
+            lowdose_ct(hu, (0.8, 0.8, 3.0), entry["dose_fraction"], generator=torch.Generator().manual_seed(7)) - hu
+        ).numpy()
         ratio = cached[body].std() / fresh[body].std()
         assert 0.9 < ratio < 1.1, (entry, ratio)
         assert abs(cached[body].mean()) < 0.2 * cached[body].std()
@@ -51,11 +51,17 @@ def test_training_pairs_carry_the_cached_noise(tmp_path):
     new = build_cache(str(tmp_path / "datalist.json"), str(tmp_path / "cache"), doses=[0.25], realizations=1)
     item = {**new["training"][0], "image": str(tmp_path / "ct.nii.gz")}
     common = ConfigParser.load_config_file(ROOT / "configs" / "common.json")
-    parser = ConfigParser({**common, "ranges": common["degradation_ranges"], "photons": 5e5,
-                           "patch_size": [32, 32, 4], "crops_per_volume": 1,
-                           "degradations": {"ct": "@degradations_ct"},
-                           "degradations_ct": {"_target_": "scripts.lowdose_cache.RandCachedLowDoseCTd",
-                                               "keys": "condition"}})
+    parser = ConfigParser(
+        {
+            **common,
+            "ranges": common["degradation_ranges"],
+            "photons": 5e5,
+            "patch_size": [32, 32, 4],
+            "crops_per_volume": 1,
+            "degradations": {"ct": "@degradations_ct"},
+            "degradations_ct": {"_target_": "scripts.lowdose_cache.RandCachedLowDoseCTd", "keys": "condition"},
+        }
+    )
     pipeline = parser.get_parsed_content("pair_preprocessing")
     pipeline.set_random_state(0)
     out = pipeline(dict(item))[0]
@@ -63,8 +69,12 @@ def test_training_pairs_carry_the_cached_noise(tmp_path):
     noise = np.load(new["training"][0]["lowdose"][0]["noise"]).astype(np.float32) / 2000.0  # CT_SCALE
     diff = (out["condition"] - out["image"])[0].numpy()
     # the pair's difference is a crop of the cached noise (same crop as the image)
-    found = any(np.allclose(diff, noise[i:i + 32, j:j + 32, k:k + 4], atol=1e-6)
-                for i in range(33) for j in range(33) for k in range(5))
+    found = any(
+        np.allclose(diff, noise[i : i + 32, j : j + 32, k : k + 4], atol=1e-6)
+        for i in range(33)
+        for j in range(33)
+        for k in range(5)
+    )
     assert found
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from monai.metrics import SSIMMetric
-
 from scripts.baselines import gaussian_denoise, nlm_denoise
 from scripts.metrics import ScoreMetric, body_mask, mae, mr_scale, psnr, score, ssim
 from tests.conftest import ct_phantom
@@ -28,16 +27,17 @@ def test_psnr_by_hand():
 
 
 def test_ssim_by_hand_on_constant_volumes():
-    a, b, L = 0.6, 0.4, 1.0
-    c1 = (0.01 * L) ** 2
+    a, b, data_range = 0.6, 0.4, 1.0
+    c1 = (0.01 * data_range) ** 2
     expected = (2 * a * b + c1) / (a**2 + b**2 + c1)  # variances are zero: the contrast term is 1
-    got = ssim(np.full((12, 12, 12), a), np.full((12, 12, 12), b), L)
+    got = ssim(np.full((12, 12, 12), a), np.full((12, 12, 12), b), data_range)
     assert got == pytest.approx(expected, rel=1e-5)
     x = np.random.RandomState(0).rand(12, 12, 12)
     assert ssim(x, x, 1.0) == pytest.approx(1.0)
     noisy = x + 0.3 * np.random.RandomState(1).rand(12, 12, 12)
-    monai_value = SSIMMetric(spatial_dims=3, data_range=1.0)(torch.as_tensor(noisy)[None, None],
-                                                              torch.as_tensor(x)[None, None])
+    monai_value = SSIMMetric(spatial_dims=3, data_range=1.0)(
+        torch.as_tensor(noisy)[None, None], torch.as_tensor(x)[None, None]
+    )
     assert ssim(noisy, x, 1.0) == pytest.approx(float(monai_value.mean()), abs=1e-4)
     assert ssim(noisy, x, 1.0) < 0.95
 
@@ -57,7 +57,9 @@ def test_body_mask_fills_lungs_and_drops_the_table():
     vol, _ = ct_phantom(shape=(48, 48, 6))
     vol[:, 45:, :] = 200.0  # a separate table under the patient
     m = body_mask(vol)
-    np.testing.assert_array_equal(m[:, :45], _cylinder(vol.shape)[:, :45])  # lung (-800 HU) inside the body counts as body
+    np.testing.assert_array_equal(
+        m[:, :45], _cylinder(vol.shape)[:, :45]
+    )  # lung (-800 HU) inside the body counts as body
     assert not m[:, 45:, :].any()
 
 
@@ -114,7 +116,6 @@ def test_denoising_baselines_reduce_noise():
 
 def test_sharpness_ratio_is_one_for_the_truth_below_for_blur_above_for_noise():
     from scipy import ndimage
-
     from scripts.metrics import score, sharpness_ratio
     from tests.conftest import ct_phantom
 

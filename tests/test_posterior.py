@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
-
-from scripts.degradations import thick_slice, thick_slice_affine
-from scripts.grid import fov_grid
 from scripts.baselines import resample
+from scripts.degradations import thick_slice, thick_slice_affine
 from scripts.enhance import data_consistency
+from scripts.grid import fov_grid
 from scripts.posterior import forward_operator, least_squares_consistency, posterior_sample
 from scripts.volumes import spacing_of
 from tests.conftest import ROOT
@@ -36,21 +35,30 @@ def models(trained, tmp_path_factory) -> Path:
     return ckpt
 
 
-@pytest.mark.parametrize("operator,kw", [("thick_slice", {"profile": "box"}), ("thick_slice", {"profile": "gaussian"}),
-                                         ("blur", {"sigma_mm": 1.5}), ("kspace", {"factor": 2.0})])
+@pytest.mark.parametrize(
+    "operator,kw",
+    [
+        ("thick_slice", {"profile": "box"}),
+        ("thick_slice", {"profile": "gaussian"}),
+        ("blur", {"sigma_mm": 1.5}),
+        ("kspace", {"factor": 2.0}),
+    ],
+)
 def test_forward_operators_have_gradients_and_adjoints(operator, kw):
     """The operators posterior sampling differentiates: gradcheck and <A x, y> = <x, A^T y>, also for a
     non-integer thick-slice factor (2.5 mm slices from 1 mm)."""
     in_shape, in_affine = (5, 4, 4), np.diag([1.0, 1.0, 2.5, 1.0])
     out_spacing = [1.0, 1.0, 1.0] if operator == "thick_slice" else spacing_of(in_affine).tolist()
     out_shape, out_affine, _ = fov_grid(in_shape, in_affine, out_spacing)
-    A = forward_operator(operator, in_shape, in_affine, out_shape, out_affine, **kw)
+    op = forward_operator(operator, in_shape, in_affine, out_shape, out_affine, **kw)
     x = torch.rand(1, 1, *out_shape, dtype=torch.float64, requires_grad=True)
-    assert A(x).shape[2:] == in_shape
-    assert torch.autograd.gradcheck(A, (x,))
-    y = torch.rand_like(A(x))
-    (at_y,) = torch.autograd.grad(A(x), x, y)
-    assert torch.dot(A(x).flatten(), y.flatten()).item() == pytest.approx(torch.dot(x.flatten(), at_y.flatten()).item())
+    assert op(x).shape[2:] == in_shape
+    assert torch.autograd.gradcheck(op, (x,))
+    y = torch.rand_like(op(x))
+    (at_y,) = torch.autograd.grad(op(x), x, y)
+    assert torch.dot(op(x).flatten(), y.flatten()).item() == pytest.approx(
+        torch.dot(x.flatten(), at_y.flatten()).item()
+    )
 
 
 def test_thick_slice_operator_matches_the_simulation():
@@ -58,8 +66,8 @@ def test_thick_slice_operator_matches_the_simulation():
     thin = torch.rand(1, 1, 6, 5, 16, dtype=torch.float64)
     affine = np.diag([0.8, 0.8, 1.25, 1.0])
     thick_affine = thick_slice_affine(affine, 16, 4.0)
-    A = forward_operator("thick_slice", (6, 5, 4), thick_affine, (6, 5, 16), affine)
-    torch.testing.assert_close(A(thin), thick_slice(thin, 4.0))
+    op = forward_operator("thick_slice", (6, 5, 4), thick_affine, (6, 5, 16), affine)
+    torch.testing.assert_close(op(thin), thick_slice(thin, 4.0))
 
 
 @pytest.mark.parametrize("thick_spacing", [2.0, 2.5])
@@ -68,12 +76,13 @@ def test_least_squares_consistency_is_the_slab_projection(thick_spacing):
     scripts.enhance.data_consistency (two implementations of one step), also for a non-integer factor."""
     in_affine = np.diag([1.0, 1.0, thick_spacing, 1.0])
     out_shape, out_affine, _ = fov_grid((4, 3, 6), in_affine, [1.0, 1.0, 1.0])
-    A = forward_operator("thick_slice", (4, 3, 6), in_affine, out_shape, out_affine)
+    op = forward_operator("thick_slice", (4, 3, 6), in_affine, out_shape, out_affine)
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.rand(out_shape, generator=gen, dtype=torch.float64), torch.rand(4, 3, 6, generator=gen,
-                                                                               dtype=torch.float64)
-    out = least_squares_consistency(x, y, A, 0.0, max_iters=50)
-    torch.testing.assert_close(A(out), y)
+    x, y = torch.rand(out_shape, generator=gen, dtype=torch.float64), torch.rand(
+        4, 3, 6, generator=gen, dtype=torch.float64
+    )
+    out = least_squares_consistency(x, y, op, 0.0, max_iters=50)
+    torch.testing.assert_close(op(out), y)
     torch.testing.assert_close(out, data_consistency(x, y))
 
 
@@ -82,12 +91,12 @@ def test_least_squares_consistency_stops_at_the_noise_level():
     principle), well before they would fit the noise."""
     gen = torch.Generator().manual_seed(0)
     truth = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 24, 24, 24, generator=gen), 3, 1, 1)[0, 0]
-    A = forward_operator("blur", truth.shape, np.eye(4), truth.shape, np.eye(4), sigma_mm=1.0)
+    op = forward_operator("blur", truth.shape, np.eye(4), truth.shape, np.eye(4), sigma_mm=1.0)
     sigma = 0.01
-    y = A(truth) + sigma * torch.randn(truth.shape, generator=gen)
-    stopped = least_squares_consistency(y, y, A, sigma, max_iters=200)
-    fitted = least_squares_consistency(y, y, A, 0.0, max_iters=200)
-    misfit = {k: float(torch.linalg.vector_norm(y - A(v))) for k, v in (("stopped", stopped), ("fitted", fitted))}
+    y = op(truth) + sigma * torch.randn(truth.shape, generator=gen)
+    stopped = least_squares_consistency(y, y, op, sigma, max_iters=200)
+    fitted = least_squares_consistency(y, y, op, 0.0, max_iters=200)
+    misfit = {k: float(torch.linalg.vector_norm(y - op(v))) for k, v in (("stopped", stopped), ("fitted", fitted))}
     assert misfit["fitted"] < 0.8 * sigma * y.numel() ** 0.5
     assert misfit["stopped"] == pytest.approx(sigma * y.numel() ** 0.5, rel=1e-3)
     assert float(torch.linalg.vector_norm(stopped - truth)) < 0.5 * float(torch.linalg.vector_norm(fitted - truth))
@@ -101,8 +110,8 @@ def test_least_squares_consistency_does_not_undo_denoising():
     sigma = 0.05
     y = truth + sigma * torch.randn(truth.shape, generator=gen)
     start = truth + 0.5 * sigma * torch.randn(truth.shape, generator=gen)  # a denoiser's output, off by half
-    A = forward_operator("identity", truth.shape, np.eye(4), truth.shape, np.eye(4))
-    out = least_squares_consistency(start, y, A, sigma)
+    op = forward_operator("identity", truth.shape, np.eye(4), truth.shape, np.eye(4))
+    out = least_squares_consistency(start, y, op, sigma)
     assert float(torch.linalg.vector_norm(y - out)) == pytest.approx(sigma * y.numel() ** 0.5, rel=1e-3)
     assert float(torch.linalg.vector_norm(out - truth)) < 0.5 * float(torch.linalg.vector_norm(y - truth))
 
@@ -116,25 +125,41 @@ def test_guidance_makes_the_re_degraded_output_match_the_input(crops, models):
     y = thick_slice(ref, 2.0)
     y_affine = thick_slice_affine(img.affine, ref.shape[2], 2.0)
     observed = normalize(y, intensity_params(y, "ct"))[None, None]
-    A = forward_operator("thick_slice", y.shape, y_affine, ref.shape, img.affine)
+    op = forward_operator("thick_slice", y.shape, y_affine, ref.shape, img.affine)
     nets = ConfigParser(TINY)
     ae = nets.get_parsed_content("autoencoder_def")
     ae.load_state_dict(torch.load(models / "autoencoder.pt", weights_only=True))
     prior = nets.get_parsed_content("diffusion_def")
     prior.load_state_dict(torch.load(models / "diffusion.pt", weights_only=True))
     scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
-        "inference_scheduler_def")
+        "inference_scheduler_def"
+    )
     misfit = {}
     for name, step in (("unguided", 0.0), ("guided", 1.0)):
-        x = posterior_sample(ae.eval(), prior.eval(), scheduler, 1.0, observed, A, ref.shape, 0.0, 8,
-                             torch.Generator().manual_seed(0), "dmps", step, roi_size=(16, 16, 8), progress=False)
+        x = posterior_sample(
+            ae.eval(),
+            prior.eval(),
+            scheduler,
+            1.0,
+            observed,
+            op,
+            ref.shape,
+            0.0,
+            8,
+            torch.Generator().manual_seed(0),
+            "dmps",
+            step,
+            roi_size=(16, 16, 8),
+            progress=False,
+        )
         assert x.shape == (1, 1, *ref.shape)
-        misfit[name] = float(torch.linalg.vector_norm(observed - A(x)))
+        misfit[name] = float(torch.linalg.vector_norm(observed - op(x)))
     assert misfit["guided"] < 0.9 * misfit["unguided"]
     trilinear = resample(observed, y_affine, spacing_of(img.affine), "trilinear")[0]
-    finished = least_squares_consistency(x, observed, A, 0.0)
-    assert float(torch.linalg.vector_norm(observed - A(finished))) < 0.1 * float(
-        torch.linalg.vector_norm(observed - A(trilinear)))
+    finished = least_squares_consistency(x, observed, op, 0.0)
+    assert float(torch.linalg.vector_norm(observed - op(finished))) < 0.1 * float(
+        torch.linalg.vector_norm(observed - op(trilinear))
+    )
 
 
 def test_posterior_contract_with_record(crops, models, tmp_path):
@@ -145,11 +170,38 @@ def test_posterior_contract_with_record(crops, models, tmp_path):
         outs.append(tmp_path / f"out{k}.nii.gz")
         args = ["--record", str(tmp_path / "record")] if k == 0 else []
         res = subprocess.run(
-            [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-             "['configs/inference.json','configs/inference_posterior.json','configs/tiny.json']",
-             "--input_image", str(src), "--output_image", str(outs[-1]), "--ckpt_dir", str(models),
-             "--operator", "thick_slice", "--factor", "2", "--num_inference_steps", "4", "--posterior_method", "dmps",
-             "--seed", "1", "--device", "cpu", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+            [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                "['configs/inference.json','configs/inference_posterior.json','configs/tiny.json']",
+                "--input_image",
+                str(src),
+                "--output_image",
+                str(outs[-1]),
+                "--ckpt_dir",
+                str(models),
+                "--operator",
+                "thick_slice",
+                "--factor",
+                "2",
+                "--num_inference_steps",
+                "4",
+                "--posterior_method",
+                "dmps",
+                "--seed",
+                "1",
+                "--device",
+                "cpu",
+                *args,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
     img, ref = nib.load(outs[0]), nib.load(src)
     shape, affine, _ = fov_grid(ref.shape, ref.affine, [1.1406, 1.1406, 2.5])
@@ -191,15 +243,32 @@ def test_posterior_sampling_from_a_start_runs_the_last_steps_from_its_latent(cro
     ae.load_state_dict(torch.load(models / "autoencoder.pt", weights_only=True))
     ae.eval()
     scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
-        "inference_scheduler_def")
+        "inference_scheduler_def"
+    )
     with torch.no_grad():
         latent = encode_volume(ae, start, [64, 64, 32])
     prior = _OraclePrior(2.0 * latent, scheduler)
-    A = forward_operator("identity", ref.shape, img.affine, ref.shape, img.affine)
-    x = posterior_sample(ae, prior, scheduler, 2.0, start, A, ref.shape, 0.0, 10, torch.Generator().manual_seed(0),
-                         "dmps", 0.0, roi_size=(64, 64, 32), progress=False, start=start, strength=0.3)
+    op = forward_operator("identity", ref.shape, img.affine, ref.shape, img.affine)
+    x = posterior_sample(
+        ae,
+        prior,
+        scheduler,
+        2.0,
+        start,
+        op,
+        ref.shape,
+        0.0,
+        10,
+        torch.Generator().manual_seed(0),
+        "dmps",
+        0.0,
+        roi_size=(64, 64, 32),
+        progress=False,
+        start=start,
+        strength=0.3,
+    )
     assert prior.calls == 3
     with torch.no_grad():
         torch.testing.assert_close(x, decode_volume(ae, latent, (64, 64, 32)), atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="needs a start"):
-        posterior_sample(ae, prior, scheduler, 2.0, start, A, ref.shape, 0.0, 10, strength=0.3)
+        posterior_sample(ae, prior, scheduler, 2.0, start, op, ref.shape, 0.0, 10, strength=0.3)

@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-
 from scripts.regression import PlaneResidualNet, plane_pairs
 from scripts.trainers import identity_start
 from tests.conftest import ROOT, tracked_training
@@ -18,16 +17,36 @@ from tests.test_pipeline import _run
 
 def test_regression_peer_trains_and_enhances(crops, tmp_path):
     ckpt = tmp_path / "models"
-    parser = _run(["train_regression.json", "tiny.json"], datalist=str(crops / "datalist.json"), ckpt_dir=str(ckpt),
-                  output_dir=str(tmp_path / "tb"), max_epochs=2)
+    parser = _run(
+        ["train_regression.json", "tiny.json"],
+        datalist=str(crops / "datalist.json"),
+        ckpt_dir=str(ckpt),
+        output_dir=str(tmp_path / "tb"),
+        max_epochs=2,
+    )
     assert parser.get_parsed_content("train#trainer").state.iteration == 12
     assert set(torch.load(ckpt / "regression.pt", weights_only=True)) == set(
-        parser.get_parsed_content("regression").state_dict())
+        parser.get_parsed_content("regression").state_dict()
+    )
     out = tmp_path / "reg.nii.gz"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           "['configs/inference.json','configs/inference_regression.json','configs/tiny.json']",
-           "--input_image", str(crops / "c.nii.gz"), "--output_image", str(out), "--ckpt_dir", str(ckpt),
-           "--target_spacing", "[1.1406, 1.1406, 2.5]", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/inference.json','configs/inference_regression.json','configs/tiny.json']",
+        "--input_image",
+        str(crops / "c.nii.gz"),
+        "--output_image",
+        str(out),
+        "--ckpt_dir",
+        str(ckpt),
+        "--target_spacing",
+        "[1.1406, 1.1406, 2.5]",
+        "--device",
+        "cpu",
+    ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     img = nib.load(out)
@@ -56,7 +75,6 @@ def test_data_consistency_applies_to_the_regression_peer():
     """``--data_consistency true`` with ``--method regression``: the output's slabs give the input back (it was
     silently ignored for the peer before 0.9.0)."""
     from monai.data import MetaTensor
-
     from scripts.enhance import enhance_volume, slab_matrix
     from scripts.grid import apply_along_axis
 
@@ -66,8 +84,13 @@ def test_data_consistency_applies_to_the_regression_peer():
     identity_start(peer)  # the peer returns trilinear interpolation, whose slabs miss the input
     y = 50 * torch.rand(1, 32, 32, 8)
     image = MetaTensor(y, affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0])))
-    common = {"target_spacing": [1.0, 1.0, 1.0], "modality": "ct", "method": "regression", "progress": False,
-              "sliding_window": {"roi_size": [32, 32, 16], "overlap": 0.25}}
+    common = {
+        "target_spacing": [1.0, 1.0, 1.0],
+        "modality": "ct",
+        "method": "regression",
+        "progress": False,
+        "sliding_window": {"roi_size": [32, 32, 16], "overlap": 0.25},
+    }
     misfit = {}
     for dc in (False, True):
         out = enhance_volume(image, {"regression": peer}, consistency=dc, **common)[0]
@@ -82,9 +105,15 @@ def test_training_can_start_from_earlier_weights(crops, tmp_path):
     tiny = ConfigParser.load_config_file(ROOT / "configs" / "tiny.json")["regression_def"]
     start = ConfigParser({"net": tiny}).get_parsed_content("net").state_dict()
     torch.save(start, tmp_path / "start.pt")
-    parser = _run(["train_regression.json", "tiny.json"], datalist=str(crops / "datalist.json"),
-                  ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "tb"), max_epochs=1, lr=0.0,
-                  init_weights=str(tmp_path / "start.pt"))
+    parser = _run(
+        ["train_regression.json", "tiny.json"],
+        datalist=str(crops / "datalist.json"),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "tb"),
+        max_epochs=1,
+        lr=0.0,
+        init_weights=str(tmp_path / "start.pt"),
+    )
     trained = parser.get_parsed_content("regression").state_dict()
     assert all(torch.equal(trained[k].cpu(), v) for k, v in start.items())
 

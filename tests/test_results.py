@@ -7,7 +7,6 @@ import json
 import nibabel as nib
 import numpy as np
 import torch
-
 from scripts.results import run
 
 
@@ -15,16 +14,41 @@ def test_results_table_runs_every_method_and_data_consistency_never_hurts(crops,
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"validation": [{"image": str(crops / "c.nii.gz"), "modality": "ct"}]}))
     out = tmp_path / "results"
-    summary = run(str(datalist), str(weights), str(out), ["configs/tiny.json"],
-                  ["ct_sr_5to10mm", "ct_blur_gaussian_3mm"], num_inference_steps=2, num_samples=2, posterior_steps=2)
-    latent = {"autoencoder ceiling (oracle)", "autoencoder ceiling + data consistency (oracle)",
-              "residual decoding ceiling (oracle)", "ours", "ours + residual decoding", "ours, strength 0.5",
-              "ours, strength 0.5 + residual decoding", "ours mean of 2", "posterior (dps)",
-              "posterior (dps) + data consistency", "posterior (dps), strength 0.5",
-              "posterior (dps), strength 0.5 + data consistency"}
-    expected = {"ct_sr_5to10mm": {"trilinear", "bspline", "trilinear + data consistency", "ours + data consistency",
-                                  "ours, strength 0.5 + residual decoding + data consistency", *latent},
-                "ct_blur_gaussian_3mm": {"degraded input", "degraded input + data consistency", *latent}}
+    summary = run(
+        str(datalist),
+        str(weights),
+        str(out),
+        ["configs/tiny.json"],
+        ["ct_sr_5to10mm", "ct_blur_gaussian_3mm"],
+        num_inference_steps=2,
+        num_samples=2,
+        posterior_steps=2,
+    )
+    latent = {
+        "autoencoder ceiling (oracle)",
+        "autoencoder ceiling + data consistency (oracle)",
+        "residual decoding ceiling (oracle)",
+        "ours",
+        "ours + residual decoding",
+        "ours, strength 0.5",
+        "ours, strength 0.5 + residual decoding",
+        "ours mean of 2",
+        "posterior (dps)",
+        "posterior (dps) + data consistency",
+        "posterior (dps), strength 0.5",
+        "posterior (dps), strength 0.5 + data consistency",
+    }
+    expected = {
+        "ct_sr_5to10mm": {
+            "trilinear",
+            "bspline",
+            "trilinear + data consistency",
+            "ours + data consistency",
+            "ours, strength 0.5 + residual decoding + data consistency",
+            *latent,
+        },
+        "ct_blur_gaussian_3mm": {"degraded input", "degraded input + data consistency", *latent},
+    }
     table = (out / "results.md").read_text()
     for task, methods in expected.items():  # no regression.pt: skipped, not faked
         metrics = summary["cases"][f"c/{task}"]["metrics"]
@@ -35,13 +59,17 @@ def test_results_table_runs_every_method_and_data_consistency_never_hurts(crops,
         # data consistency moves toward every volume that re-degrades to the input, the reference among them
         ref = nib.load(out / "c" / task / "reference.nii.gz").get_fdata()
         start = "trilinear" if task == "ct_sr_5to10mm" else "degraded_input"
-        pairs = [(start, f"{start}_plus_data_consistency"), ("posterior_dps", "posterior_dps_plus_data_consistency"),
-                 ("autoencoder_ceiling_oracle", "autoencoder_ceiling_plus_data_consistency_oracle")]
+        pairs = [
+            (start, f"{start}_plus_data_consistency"),
+            ("posterior_dps", "posterior_dps_plus_data_consistency"),
+            ("autoencoder_ceiling_oracle", "autoencoder_ceiling_plus_data_consistency_oracle"),
+        ]
         if task == "ct_sr_5to10mm":
             pairs.append(("ours", "ours_plus_data_consistency"))
         for before, after in pairs:
-            err = [np.linalg.norm(nib.load(out / "c" / task / f"{m}.nii.gz").get_fdata() - ref)
-                   for m in (before, after)]
+            err = [
+                np.linalg.norm(nib.load(out / "c" / task / f"{m}.nii.gz").get_fdata() - ref) for m in (before, after)
+            ]
             assert err[1] < err[0], (task, before)
 
 
@@ -57,7 +85,7 @@ def test_super_resolution_tasks_degrade_by_the_factor_of_their_operator():
         assert sr_factor(task) == factor
         y, y_aff = degrade_for_task(task, x, affine, seed=0)
         assert y.shape == (6, 5, 16 // int(factor))
-        assert np.isclose(y_aff[2, 2], factor) and np.isclose(y[..., 0].mean(), x[..., :int(factor)].mean())
+        assert np.isclose(y_aff[2, 2], factor) and np.isclose(y[..., 0].mean(), x[..., : int(factor)].mean())
     assert all(sr_factor(t) is None for t in TASKS if t not in sr)
 
 

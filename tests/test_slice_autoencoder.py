@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.networks.nets import AutoencoderKL
-
 from scripts.autoencoder import (
     SliceAutoencoderKL,
     decode_volume,
@@ -23,9 +22,18 @@ from scripts.autoencoder import (
 from tests.conftest import ROOT
 from tests.test_inference import bundle
 
-TINY = {"in_channels": 1, "out_channels": 1, "channels": [8, 16], "latent_channels": 2, "num_res_blocks": [1, 1],
-        "attention_levels": [False, False], "norm_num_groups": 4, "with_encoder_nonlocal_attn": False,
-        "with_decoder_nonlocal_attn": False, "include_fc": False}
+TINY = {
+    "in_channels": 1,
+    "out_channels": 1,
+    "channels": [8, 16],
+    "latent_channels": 2,
+    "num_res_blocks": [1, 1],
+    "attention_levels": [False, False],
+    "norm_num_groups": 4,
+    "with_encoder_nonlocal_attn": False,
+    "with_decoder_nonlocal_attn": False,
+    "include_fc": False,
+}
 
 
 def _tiny() -> SliceAutoencoderKL:
@@ -93,9 +101,21 @@ def test_main_job_with_a_slice_autoencoder_keeps_grid_and_units(tmp_path):
     nib.save(nib.Nifti1Image(vol.astype(np.int16), affine), src)
     for spacing, shape in ((None, (40, 36, 10)), ("[0.9,0.9,1.0]", (40, 36, 20))):
         out = tmp_path / f"out_{shape[2]}.nii.gz"
-        res = bundle("--input_image", str(src), "--output_image", str(out), "--ckpt_dir", str(ckpt), "--device", "cpu",
-                     "--num_inference_steps", "2", "--autoencoder_def#_target_",
-                     "scripts.autoencoder.SliceAutoencoderKL", *(["--target_spacing", spacing] if spacing else []))
+        res = bundle(
+            "--input_image",
+            str(src),
+            "--output_image",
+            str(out),
+            "--ckpt_dir",
+            str(ckpt),
+            "--device",
+            "cpu",
+            "--num_inference_steps",
+            "2",
+            "--autoencoder_def#_target_",
+            "scripts.autoencoder.SliceAutoencoderKL",
+            *(["--target_spacing", spacing] if spacing else []),
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         img = nib.load(out)
         assert img.shape == shape

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-
 from scripts.enhance import enhance_volume
 from scripts.trainers import controlnet_inputs
 from tests.conftest import ROOT
@@ -34,9 +33,21 @@ def test_two_stage_main_job_keeps_the_contract(crops, weights, tmp_path):
     ref = nib.load(src)
     for spacing, shape in ((None, ref.shape), ("[1.1406,1.1406,2.5]", (64, 64, 32))):
         out = tmp_path / f"two_stage_{shape[2]}.nii.gz"
-        res = bundle("--input_image", str(src), "--output_image", str(out), "--ckpt_dir", str(ckpt), "--device", "cpu",
-                     "--num_inference_steps", "2", "--two_stage", "true",
-                     *(["--target_spacing", spacing] if spacing else []))
+        res = bundle(
+            "--input_image",
+            str(src),
+            "--output_image",
+            str(out),
+            "--ckpt_dir",
+            str(ckpt),
+            "--device",
+            "cpu",
+            "--num_inference_steps",
+            "2",
+            "--two_stage",
+            "true",
+            *(["--target_spacing", spacing] if spacing else []),
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         img = nib.load(out)
         assert img.shape == shape and img.get_data_dtype() == np.int16
@@ -66,9 +77,14 @@ def test_the_chain_conditions_on_the_regression_output(weights, tmp_path):
     networks["regression"] = Shift()
     vol = torch.full((1, 32, 32, 16), -200.0)
     image = MetaTensor(vol, affine=torch.eye(4))
-    common = {"modality": "ct", "num_inference_steps": 1, "progress": False, "strength": 0.5,
-              "residual_decoding": True, "sliding_window": {"roi_size": [32, 32, 16], "overlap": 0.25,
-                                                           "sampling_overlap": 0.5}}
+    common = {
+        "modality": "ct",
+        "num_inference_steps": 1,
+        "progress": False,
+        "strength": 0.5,
+        "residual_decoding": True,
+        "sliding_window": {"roi_size": [32, 32, 16], "overlap": 0.25, "sampling_overlap": 0.5},
+    }
     out = enhance_volume(image, networks, **common)[0]
     # residual decoding returns r + D(z) - D(E(r)); the tiny sampler's change is small against the 100 HU shift
     assert abs(float(out.mean()) - (-100.0)) < abs(float(out.mean()) - (-200.0))
@@ -79,8 +95,11 @@ def test_controlnet_pairs_are_regression_output_and_reference():
     with torch.no_grad():
         stage_a.weight.fill_(0.0)
         stage_a.bias.fill_(0.25)
-    ae = ConfigParser({"n": json.loads((ROOT / "configs" / "tiny.json").read_text())["autoencoder_def"]}
-                      ).get_parsed_content("n").eval()
+    ae = (
+        ConfigParser({"n": json.loads((ROOT / "configs" / "tiny.json").read_text())["autoencoder_def"]})
+        .get_parsed_content("n")
+        .eval()
+    )
     batch = {"image": torch.rand(1, 1, 16, 16, 8), "condition": torch.rand(1, 1, 16, 16, 8)}
     from monai.networks.schedulers import DDPMScheduler
 
@@ -94,8 +113,16 @@ def test_controlnet_trains_two_stage_with_the_frozen_regression_network(crops, w
     before = torch.load(ckpt / "regression.pt", weights_only=True)
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / "train_controlnet.json"), str(ROOT / "configs" / "tiny.json")])
-    parser.update({"bundle_root": str(ROOT), "datalist": str(crops / "datalist.json"), "ckpt_dir": str(ckpt),
-                   "output_dir": str(tmp_path / "tb"), "max_epochs": 1, "two_stage": True})
+    parser.update(
+        {
+            "bundle_root": str(ROOT),
+            "datalist": str(crops / "datalist.json"),
+            "ckpt_dir": str(ckpt),
+            "output_dir": str(tmp_path / "tb"),
+            "max_epochs": 1,
+            "two_stage": True,
+        }
+    )
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:

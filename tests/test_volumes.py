@@ -10,7 +10,6 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
-
 from scripts.volumes import VolumeError, load_volume, save_volume, spacing_of
 
 
@@ -83,9 +82,11 @@ def test_nan_and_inf_are_refused(tmp_path, value):
 
 def test_zero_spacing_is_refused(tmp_path):
     path = tmp_path / "flat.nrrd"
-    nrrd.write(str(path), np.zeros((6, 6, 6), np.int16),
-               {"space": "left-posterior-superior", "space directions": np.diag([1.0, 1.0, 0.0]),
-                "space origin": np.zeros(3)})
+    nrrd.write(
+        str(path),
+        np.zeros((6, 6, 6), np.int16),
+        {"space": "left-posterior-superior", "space directions": np.diag([1.0, 1.0, 0.0]), "space origin": np.zeros(3)},
+    )
     with pytest.raises(VolumeError, match="flat.nrrd: invalid voxel spacing"):
         load_volume(path)
 

@@ -10,13 +10,18 @@ from monailabel.interfaces.app import MONAILabelApp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the bundle root, for ``scripts``
 
-from scripts.label import EnhanceTask  # noqa: E402
+from scripts.label_app.task import EnhanceTask  # noqa: E402
 
 
 class EnhanceApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict) -> None:
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="Latent diffusion enhancement",
-                         description="Denoising and through-plane super-resolution of CT and MR volumes")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Latent diffusion enhancement",
+            description="Denoising and through-plane super-resolution of CT and MR volumes",
+        )
 
     def init_infers(self) -> dict:
         return {"enhance": EnhanceTask(ckpt_dir=self.conf.get("ckpt_dir"), device=self.conf.get("device"))}

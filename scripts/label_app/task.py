@@ -10,9 +10,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-
 from scripts.enhance import ROOT, enhance, inference_parser
 from scripts.errors import InputError, UserError
 from scripts.options import flag
@@ -27,11 +25,19 @@ class EnhanceTask(InferTask):
     input's), ``modality`` (ct|mr), ``num_inference_steps``, ``seed``.
     """
 
-    def __init__(self, ckpt_dir: str | None = None, config_files: tuple[str, ...] = ("configs/inference.json",),
-                 device: str | None = None) -> None:
-        super().__init__(type=InferType.OTHERS, labels=None, dimension=3,
-                         description="Latent-diffusion enhancement (denoising, through-plane super-resolution)",
-                         config={"target_spacing": "", "modality": "", "num_inference_steps": 20, "seed": 0})
+    def __init__(
+        self,
+        ckpt_dir: str | None = None,
+        config_files: tuple[str, ...] = ("configs/inference.json",),
+        device: str | None = None,
+    ) -> None:
+        super().__init__(
+            type=InferType.OTHERS,
+            labels=None,
+            dimension=3,
+            description="Latent-diffusion enhancement (denoising, through-plane super-resolution)",
+            config={"target_spacing": "", "modality": "", "num_inference_steps": 20, "seed": 0},
+        )
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else ROOT / "models"
         self.config_files, self.device = config_files, device
         self._parser = None  # parsed on the first request, then reused
@@ -46,11 +52,17 @@ class EnhanceTask(InferTask):
                 overrides["device"] = self.device
             self._parser = inference_parser(self.config_files, **overrides)
         p = self._parser  # parsed content is cached by the parser: the networks load once
-        options = {"strength": float(p["strength"]),  # the main job's defaults
-                   "residual_decoding": flag(p["residual_decoding"], "residual_decoding"),
-                   "consistency": flag(p["data_consistency"], "data_consistency")}
-        return p.get_parsed_content("networks"), p.get_parsed_content("sliding_window"), p.get_parsed_content(
-            "device"), options
+        options = {
+            "strength": float(p["strength"]),  # the main job's defaults
+            "residual_decoding": flag(p["residual_decoding"], "residual_decoding"),
+            "consistency": flag(p["data_consistency"], "data_consistency"),
+        }
+        return (
+            p.get_parsed_content("networks"),
+            p.get_parsed_content("sliding_window"),
+            p.get_parsed_content("device"),
+            options,
+        )
 
     def __call__(self, request: dict) -> tuple[str, dict]:
         params = {**self.config(), **request}
@@ -63,10 +75,20 @@ class EnhanceTask(InferTask):
             except ValueError as e:
                 raise InputError(f"target_spacing: expected 'sx,sy,sz' in mm, got {spacing!r}") from e
             result = enhance(
-                params["image"], out, networks, target_spacing=target, modality=params.get("modality") or None,
-                num_inference_steps=int(params["num_inference_steps"]), seed=int(params["seed"]),
-                sliding_window=sliding_window, device=device, **options)
+                params["image"],
+                out,
+                networks,
+                target_spacing=target,
+                modality=params.get("modality") or None,
+                num_inference_steps=int(params["num_inference_steps"]),
+                seed=int(params["seed"]),
+                sliding_window=sliding_window,
+                device=device,
+                **options,
+            )
         except UserError as e:  # the user's image or settings: a 422 whose detail is the one-line reason
+            from fastapi import HTTPException  # MONAI Label's web framework
+
             Path(out).unlink(missing_ok=True)
             raise HTTPException(status_code=422, detail=f"error: {e}") from e
         return out, {k: result[k] for k in ("seconds", "modality", "shape", "spacing")}
