@@ -101,15 +101,16 @@ release-data: $(STAMP)
 	$(PY) -m scripts.lowdose_cache $(R)/datalist.json $(R)/lowdose --doses "[0.1,0.25,0.5]" --realizations 1 \
 	    > $(R)/logs/lowdose_cache.log 2>&1
 
-# The release regression stage (models/regression.pt): the 2.5D plane network (scripts.regression), bfloat16 on the
-# CPU, 16 planes per axis from each of a volume's 2 crops per iteration, 200 iterations per epoch, cosine schedule
-# over 20 epochs, validation (whole 3D crops) every epoch, stopped by --patience or REG_SECONDS (resumable: run again
-# to go on; the best model by validation L1 is $(R)/models/regression.pt).
-REG_SECONDS := 3600
+# The release regression stage (models/regression.pt): the 2.5D plane network (scripts.regression), the through-plane
+# super-resolution specialist (thick-slice pairs only, MSE), bfloat16 on the CPU; each iteration 16 planes per axis
+# from 2 crops of each of 2 volumes, 150 iterations per epoch, cosine schedule over 7 epochs, validation (whole 3D
+# crops) every epoch, stopped by --patience or REG_SECONDS (resumable: run again to go on; the best model by
+# validation L1 is $(R)/models/regression.pt).
+REG_SECONDS := 3000
 release-regression: $(STAMP)
 	mkdir -p $(R)/logs
 	$(RUN) training --config_file configs/train_regression.json --datalist $(R)/lowdose/datalist.json \
-	    --ckpt_dir $(R)/models --output_dir $(R)/regression --batch_size 1 --max_epochs 20 --epoch_length 200 \
+	    --ckpt_dir $(R)/models --output_dir $(R)/regression --batch_size 2 --max_epochs 7 --epoch_length 150 \
 	    --val_interval 1 --lr 0.0005 --max_seconds $(REG_SECONDS) --patience 5 --resume auto \
 	    >> $(R)/logs/regression.log 2>&1
 

@@ -38,6 +38,9 @@ class PlaneResidualNet(nn.Module):
             body += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
         body.append(nn.Conv2d(channels, 1, 3, padding=1))
         self.body = nn.Sequential(*body)
+        for conv in body[:-1:2]:  # He initialisation: PyTorch's default shrinks a plain ReLU stack layer by layer
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 4:

@@ -82,28 +82,22 @@ def tracking(store: Path) -> list[str]:
     return ["--tracking", "mlflow", "--tracking_uri", f"sqlite:///{store}"]
 
 
+def train_tiny(
+    config: str, datalist: Path, ckpt_dir: Path, output_dir: Path, *args: str
+) -> subprocess.CompletedProcess:
+    """``monai.bundle run training`` of ``configs/<config>`` + tiny.json for one epoch on ``datalist``."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file"]
+    cmd += [f"['configs/{config}','configs/tiny.json']", "--datalist", str(datalist), "--ckpt_dir", str(ckpt_dir)]
+    cmd += ["--output_dir", str(output_dir), "--max_epochs", "1", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 def tracked_training(config: str, crops: Path, tmp_path: Path) -> tuple:
-    """``monai.bundle run training`` of ``configs/<config>`` + tiny.json for one epoch on the crops, tracked by
-    MLflow into ``tmp_path/mlruns.db``: the single run and its artifact names."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        f"['configs/{config}','configs/tiny.json']",
-        "--datalist",
-        str(crops / "datalist.json"),
-        "--ckpt_dir",
-        str(tmp_path / "ckpt"),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--max_epochs",
-        "1",
-        *tracking(tmp_path / "mlruns.db"),
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """``train_tiny`` on the crops, tracked by MLflow into ``tmp_path/mlruns.db``: the single run and its artifact
+    names."""
+    res = train_tiny(
+        config, crops / "datalist.json", tmp_path / "ckpt", tmp_path / "out", *tracking(tmp_path / "mlruns.db")
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return mlflow_record(tmp_path / "mlruns.db")
 

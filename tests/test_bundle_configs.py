@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scripts.degradations import thick_slice_affine
-from tests.conftest import ROOT, SHARED, assert_user_error, ct_phantom
+from tests.conftest import ROOT, SHARED, assert_user_error, ct_phantom, train_tiny
 
 
 def bundle_run(config: str, *args: str) -> subprocess.CompletedProcess:
@@ -176,24 +176,7 @@ def test_training_commands_report_bad_settings_in_one_line(crops, tmp_path, prob
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": [] if problem == "empty" else entries, "validation": entries}))
     config = "train_controlnet.json" if problem == "no_earlier_stage" else "train_regression.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        f"['configs/{config}','configs/tiny.json']",
-        "--datalist",
-        str(datalist),
-        "--ckpt_dir",
-        str(tmp_path / "models"),
-        "--output_dir",
-        str(tmp_path / "tb"),
-        "--max_epochs",
-        "1",
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = train_tiny(config, datalist, tmp_path / "models", tmp_path / "tb")
     expected = {
         "missing_entry": f"{tmp_path / 'gone.nii.gz'} listed in 'training' does not exist",
         "empty": "the 'training' list is missing or empty",
