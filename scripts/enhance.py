@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from monai.bundle import ConfigParser
 from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import AutoencoderKL
@@ -440,15 +441,21 @@ def enhance_datalist(
     **kwargs,
 ) -> str:
     """Enhance every image of an Auto3DSeg datalist into ``output_dir`` and write the matching datalist there:
-    the same entries, folds and labels, with ``image`` pointing at the enhanced volumes."""
+    the same entries, folds and labels, with ``image`` pointing at the enhanced volumes.
+
+    Under ``torchrun`` (``configs/multi_gpu_inference.json``: a process group is initialised) rank ``r`` of ``n``
+    enhances the images ``r, r + n, ...`` of the whole list; every rank names the outputs the same way, and rank 0
+    writes the datalist once all ranks are done."""
     from scripts.datalist import read_datalist
 
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     src = json.loads(Path(datalist).read_text())
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     new = {k: v for k, v in src.items() if k not in keys}
     new["dataroot"] = str(out.resolve())
     used: set[str] = set()
+    index = 0
     for key in keys:
         if not src.get(key):
             continue
@@ -461,14 +468,19 @@ def enhance_datalist(
                 k += 1
                 name = f"{stem}_{k}_enhanced.nii.gz"
             used.add(name)
-            enhance(item["image"], str(out / name), networks, **kwargs)
+            if index % world == rank:
+                enhance(item["image"], str(out / name), networks, **kwargs)
+            index += 1
             entry = dict(original)
             entry["image"] = name
             if "label" in item:
                 entry["label"] = item["label"]  # absolute: labels stay where they are
             new[key].append(entry)
     target = out / "datalist_enhanced.json"
-    target.write_text(json.dumps(new, indent=2))
+    if world > 1:
+        dist.barrier()  # every image written before the list that names them
+    if rank == 0:
+        target.write_text(json.dumps(new, indent=2))
     return str(target)
 
 

@@ -112,20 +112,10 @@ def mlflow_record(store: Path):
     return runs[0], {Path(a.path).name for a in client.list_artifacts(runs[0].info.run_id)}
 
 
-def torchrun(config_files: str, *args: str, nproc: int = 2):
-    """``torchrun --nproc_per_node=nproc -m monai.bundle run training`` on the CPU (gloo), from the bundle root."""
+def torchrun(config_files: str, *args: str, nproc: int = 2, run_id: str = "training"):
+    """``torchrun --nproc_per_node=nproc -m monai.bundle run <run_id>`` on the CPU (gloo), from the bundle root."""
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    cmd = [
-        exe,
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        config_files,
-        *args,
-    ]
+    cmd = [exe, f"--nproc_per_node={nproc}", "-m", "monai.bundle", "run", run_id, "--config_file", config_files, *args]
     return subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
