@@ -66,7 +66,10 @@ def run_demo(
             "filters (Gaussian sigma and NLM h tuned against the reference), the numbers a network must beat.",
         ]
     if regression is not None:
-        lines += [f"regression: the regression stage (stage A), weights from {ckpt_dir}"]
+        lines += [
+            f"regression: the regression stage (through-plane super-resolution only), weights from {ckpt_dir}, "
+            f"data consistency {flag(consistency)}"
+        ]
     if networks is None and regression is not None:
         lines += [
             f"ours (latent diffusion + ControlNet): no weights in {ckpt_dir} yet; classical filters tuned "
@@ -86,7 +89,7 @@ def run_demo(
         y, y_aff = degrade_for_task(task, x, affine, seed)
         save_volume(y, y_aff, out / f"{task}_input.nii.gz", dtype="int16")
         restored = restore_all(task, y, y_aff, spacing_of(affine))
-        if regression is not None:
+        if regression is not None and y.shape != x.shape:  # the regression stage is the SR specialist
             t0 = time.perf_counter()
             v, _, _, _ = enhance_volume(
                 MetaTensor(y[None], affine=torch.as_tensor(y_aff)),
@@ -95,6 +98,7 @@ def run_demo(
                 "ct",
                 sliding_window=sliding_window,
                 method="regression",
+                consistency=flag(consistency, "data_consistency"),
                 amp=flag(amp, "amp"),
             )
             restored["regression"] = (v[0], time.perf_counter() - t0)
