@@ -114,12 +114,15 @@ release-regression: $(STAMP)
 	    --val_interval 1 --lr 0.0005 --max_seconds $(REG_SECONDS) --patience 5 --resume auto \
 	    >> $(R)/logs/regression.log 2>&1
 
-# The results table of the release on the validation volumes (classical baselines and the regression stage).
+# The results table of the release on the validation volumes (classical baselines and the regression stage);
+# RESULTS_TASKS picks tasks (the super-resolution ones: RESULTS_TASKS=$(SR_TASKS)).
+SR_TASKS := "['ct_sr_5to10mm','ct_sr_3to6mm','mr_sr_1to4mm']"
+RESULTS_TASKS := "['ct_sr_5to10mm','ct_sr_3to6mm','ct_lowdose_quarter','ct_blur_gaussian_1mm','mr_sr_1to4mm', \
+	'mr_kspace2','mr_rician4']"
 release-results: $(STAMP)
 	$(RUN) --config_file configs/results.json --datalist $(R)/datalist.json --ckpt_dir $(R)/models \
-	    --output_dir $(R)/results --methods "['classical','regression']" \
-	    --tasks "['ct_sr_5to10mm','ct_sr_3to6mm','ct_lowdose_quarter','ct_blur_gaussian_1mm','mr_sr_1to4mm', \
-	    'mr_kspace2','mr_rician4']" > $(R)/logs/results.log 2>&1
+	    --output_dir $(R)/results --methods "['classical','regression']" --tasks $(RESULTS_TASKS) \
+	    > $(R)/logs/results.log 2>&1
 
 # 2.5D against 3D autoencoder at equal CPU time (AE_SECONDS each, same widths 16/32/64, same patches), both on the
 # release training volumes; then the autoencoder ceiling (plain, residual decoding, data consistency) on the

@@ -21,6 +21,7 @@ from monai.data.utils import compute_importance_map
 from monai.inferers import Inferer
 from monai.networks.nets import AutoencoderKL
 from monai.transforms import DivisiblePad
+from scripts.errors import InputError, MissingFileError
 from tqdm import tqdm
 
 SCALE_FILE = "autoencoder_scale.json"
@@ -261,7 +262,7 @@ def save_scale_factor(
 def load_scale_factor(ckpt_dir: str) -> float:
     path = Path(ckpt_dir) / SCALE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no latent scale factor; train the autoencoder first")
+        raise MissingFileError(f"{path}: no latent scale factor; train the autoencoder first")
     return float(json.loads(path.read_text())["scale_factor"])
 
 
@@ -271,7 +272,7 @@ def load_autoencoder_weights(
     """Load weights saved by this bundle (a state dict, or a checkpoint holding ``autoencoder``) or by the old
     MONAI Generative ``AutoencoderKL`` (renamed attention and upsampling layers), with ``weights_only=True``."""
     if not Path(path).is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path}: no autoencoder weights (train stage 1, or point ckpt_dir at them; the "
             "bundle ships only the regression stage so far: add configs/inference_regression.json "
             "to the config list)"
@@ -281,8 +282,14 @@ def load_autoencoder_weights(
         state = state["autoencoder"]
     try:
         autoencoder.load_state_dict(state)
-    except RuntimeError:
-        autoencoder.load_old_state_dict(dict(state))
+    except RuntimeError as e:
+        try:
+            autoencoder.load_old_state_dict(dict(state))
+        except (RuntimeError, KeyError) as old:
+            raise InputError(
+                f"{path}: the weights do not fit the configured autoencoder, as this bundle's or as MONAI "
+                f"Generative's ({str(e).strip().splitlines()[0]}); give the network config they were trained with"
+            ) from old
     return autoencoder
 
 

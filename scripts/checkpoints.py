@@ -275,8 +275,17 @@ class TimeBudget:
 def load_weights(
     network: torch.nn.Module, path: str | Path, map_location: str | torch.device = "cpu"
 ) -> torch.nn.Module:
-    """Load a state dict saved by this bundle (``weights_only=True``), with an error naming a missing file."""
+    """Load a state dict saved by this bundle (``weights_only=True``), with an error naming a missing file or
+    weights made for another network (another width or config)."""
     if not Path(path).is_file():
         raise MissingFileError(f"{path}: no weights (train the stage that makes them, or point ckpt_dir at them)")
-    network.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+    try:
+        network.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()
+        detail = next((line.strip() for line in reason[1:] if line.strip()), reason[0] if reason else "")
+        raise InputError(
+            f"{path}: the weights do not fit the configured {type(network).__name__} ({detail}); give the network "
+            "config they were trained with (for example configs/small.json in the config list)"
+        ) from e
     return network

@@ -22,6 +22,7 @@ from monai.data import save_net_with_metadata
 from monai.networks.nets import AutoencoderKL
 from scripts.diffusion import ControlledDenoiser
 from scripts.enhance import ROOT, inference_parser
+from scripts.errors import MissingFileError
 
 EXPORT_CONFIGS = ("configs/inference.json", "configs/export.json")
 
@@ -70,7 +71,7 @@ def load_exported(folder: str | Path, latent_channels: int, factor: int, device:
     names = ("encoder.ts", "decoder.ts", "denoiser.ts")
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder / missing[0]}: no exported network (see docs/README.md, Export)")
+        raise MissingFileError(f"{folder / missing[0]}: no exported network (see docs/README.md, Export)")
     encoder, decoder, denoiser_ts = (torch.jit.load(str(folder / n), map_location=device) for n in names)
     return {"autoencoder": ExportedAutoencoder(encoder, decoder, latent_channels, factor), "denoiser": denoiser_ts}
 

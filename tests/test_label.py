@@ -55,3 +55,18 @@ def test_infer_task_answers_bad_input_with_a_422_and_the_reason(crops, weights, 
     assert raised.value.status_code == 422 and raised.value.detail.startswith("error: ")
     assert expected[problem] in raised.value.detail
     assert set(Path(tempfile.gettempdir()).glob("*.nii.gz")) == before
+
+
+def test_infer_task_with_weights_of_another_width_is_invalid_and_says_why(weights, crops, caplog):
+    """Tiny weights under the full-size networks of configs/inference.json: ``is_valid()`` is false with the reason
+    logged, and a request gets a 422 that names the weights file, not a bare 500."""
+    from fastapi import HTTPException
+    from scripts.label_app.task import EnhanceTask
+
+    task = EnhanceTask(ckpt_dir=str(weights), config_files=("configs/inference.json",), device="cpu")
+    with caplog.at_level("ERROR"):
+        assert not task.is_valid()
+    assert "do not fit" in caplog.text
+    with pytest.raises(HTTPException) as raised:
+        task({"image": str(crops / "c.nii.gz"), "num_inference_steps": 1})
+    assert raised.value.status_code == 422 and "do not fit" in raised.value.detail

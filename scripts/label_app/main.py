@@ -24,4 +24,12 @@ class EnhanceApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict:
-        return {"enhance": EnhanceTask(ckpt_dir=self.conf.get("ckpt_dir"), device=self.conf.get("device"))}
+        # --conf network_configs "configs/small.json,..." : override files after configs/inference.json, for
+        # weights of another width
+        extra = [f.strip() for f in str(self.conf.get("network_configs") or "").split(",") if f.strip()]
+        task = EnhanceTask(
+            ckpt_dir=self.conf.get("ckpt_dir"),
+            config_files=("configs/inference.json", *extra),
+            device=self.conf.get("device"),
+        )
+        return {"enhance": task}

@@ -7,15 +7,16 @@ configs and weights as ``configs/inference.json``. The app that serves it is ``s
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from scripts.enhance import ROOT, enhance, inference_parser
-from scripts.errors import InputError, UserError
+from scripts.errors import InputError, user_error
 from scripts.options import flag
 
-WEIGHTS = ("autoencoder.pt", "diffusion.pt", "controlnet.pt", "autoencoder_scale.json")
+logger = logging.getLogger(__name__)
 
 
 class EnhanceTask(InferTask):
@@ -43,7 +44,15 @@ class EnhanceTask(InferTask):
         self._parser = None  # parsed on the first request, then reused
 
     def is_valid(self) -> bool:
-        return all((self.ckpt_dir / name).is_file() for name in WEIGHTS)
+        """Whether the weights are there and load into the configured networks (the reason is logged if not)."""
+        try:
+            self._networks_and_settings()
+        except Exception as e:  # MONAI's config parser wraps what the loaders raise
+            if user_error(e) is None:
+                raise
+            logger.error("enhance task unavailable: %s", user_error(e))
+            return False
+        return True
 
     def _networks_and_settings(self) -> tuple[dict, dict, str, dict]:
         if self._parser is None:
@@ -67,9 +76,9 @@ class EnhanceTask(InferTask):
     def __call__(self, request: dict) -> tuple[str, dict]:
         params = {**self.config(), **request}
         spacing = str(params.get("target_spacing") or "").strip("[] ")
-        networks, sliding_window, device, options = self._networks_and_settings()
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         try:
+            networks, sliding_window, device, options = self._networks_and_settings()
             try:
                 target = [float(v) for v in spacing.split(",")] if spacing else None
             except ValueError as e:
@@ -86,9 +95,11 @@ class EnhanceTask(InferTask):
                 device=device,
                 **options,
             )
-        except UserError as e:  # the user's image or settings: a 422 whose detail is the one-line reason
+        except Exception as e:  # the image, the settings or the weights: a 422 whose detail is the one-line reason
+            Path(out).unlink(missing_ok=True)
+            if user_error(e) is None:
+                raise
             from fastapi import HTTPException  # MONAI Label's web framework
 
-            Path(out).unlink(missing_ok=True)
-            raise HTTPException(status_code=422, detail=f"error: {e}") from e
+            raise HTTPException(status_code=422, detail=f"error: {user_error(e)}") from e
         return out, {k: result[k] for k in ("seconds", "modality", "shape", "spacing")}
