@@ -82,14 +82,19 @@ def tracking(store: Path) -> list[str]:
     return ["--tracking", "mlflow", "--tracking_uri", f"sqlite:///{store}"]
 
 
+def monai_bundle(config_files: str, *args: str, run_id: str = "run") -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run [run_id] --config_file CONFIG_FILES ARGS`` from the bundle root."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_files, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 def train_tiny(
     config: str, datalist: Path, ckpt_dir: Path, output_dir: Path, *args: str
 ) -> subprocess.CompletedProcess:
     """``monai.bundle run training`` of ``configs/<config>`` + tiny.json for one epoch on ``datalist``."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file"]
-    cmd += [f"['configs/{config}','configs/tiny.json']", "--datalist", str(datalist), "--ckpt_dir", str(ckpt_dir)]
-    cmd += ["--output_dir", str(output_dir), "--max_epochs", "1", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    files = f"['configs/{config}','configs/tiny.json']"
+    args = ("--datalist", str(datalist), "--ckpt_dir", str(ckpt_dir), "--output_dir", str(output_dir), *args)
+    return monai_bundle(files, *args, "--max_epochs", "1", run_id="training")
 
 
 def tracked_training(config: str, crops: Path, tmp_path: Path) -> tuple:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +19,7 @@ from scripts.autoencoder import (
     reconstruct_volume,
 )
 from scripts.checkpoints import TimeBudget
-from tests.conftest import ROOT, SAMPLE, run_config, torchrun, tracked_training
+from tests.conftest import SAMPLE, monai_bundle, run_config, torchrun, tracked_training
 from tests.test_checkpoints import fake_clock
 
 CONFIGS = ["train_autoencoder.json", "tiny.json"]
@@ -233,12 +231,7 @@ def _reinit(kw) -> AutoencoderKL:
 
 def test_prepare_latents_writes_latents_and_a_datalist(trained, crops, tmp_path):
     ckpt = trained[0]
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
+    res = monai_bundle(
         "['configs/prepare_latents.json','configs/tiny.json']",
         "--ckpt_dir",
         str(ckpt),
@@ -246,8 +239,7 @@ def test_prepare_latents_writes_latents_and_a_datalist(trained, crops, tmp_path)
         str(crops / "datalist.json"),
         "--output_dir",
         str(tmp_path),
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     dl = json.loads((tmp_path / "datalist_latents.json").read_text())
     assert [e["latent"] for e in dl["training"]] == ["a_latent.pt", "b_latent.pt"]

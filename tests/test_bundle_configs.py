@@ -6,18 +6,16 @@ import hashlib
 import json
 import re
 import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 from scripts.degradations import thick_slice_affine
-from tests.conftest import ROOT, SHARED, assert_user_error, ct_phantom, train_tiny
+from tests.conftest import ROOT, SHARED, assert_user_error, ct_phantom, monai_bundle, train_tiny
 
 
 def bundle_run(config: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return monai_bundle(f"configs/{config}", *args)
 
 
 def test_simulate_thick_slices_then_evaluate(tmp_path, phantom_file):

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,7 +15,7 @@ import pytest
 import torch
 from scripts.enhance import depth_to_space, inference_parser, run, space_to_depth
 from scripts.grid import fov_grid
-from tests.conftest import ROOT, assert_user_error, torchrun
+from tests.conftest import ROOT, assert_user_error, monai_bundle, torchrun
 
 
 def networks(ckpt: Path) -> dict:
@@ -197,16 +196,7 @@ def test_dicom_series_in_dicom_series_out(crops, weights, tmp_path):
 
 
 def bundle(*args: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "['configs/inference.json','configs/tiny.json']",
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return monai_bundle("['configs/inference.json','configs/tiny.json']", *args)
 
 
 @pytest.mark.parametrize("problem", ["missing_input", "bad_spacing", "missing_weights"])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +17,7 @@ from scripts.enhance import data_consistency
 from scripts.grid import fov_grid
 from scripts.posterior import forward_operator, least_squares_consistency, posterior_sample
 from scripts.volumes import spacing_of
-from tests.conftest import ROOT
+from tests.conftest import ROOT, monai_bundle
 
 TINY = json.loads((ROOT / "configs" / "tiny.json").read_text())
 
@@ -169,38 +167,27 @@ def test_posterior_contract_with_record(crops, models, tmp_path):
     for k in range(2):
         outs.append(tmp_path / f"out{k}.nii.gz")
         args = ["--record", str(tmp_path / "record")] if k == 0 else []
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "monai.bundle",
-                "run",
-                "--config_file",
-                "['configs/inference.json','configs/inference_posterior.json','configs/tiny.json']",
-                "--input_image",
-                str(src),
-                "--output_image",
-                str(outs[-1]),
-                "--ckpt_dir",
-                str(models),
-                "--operator",
-                "thick_slice",
-                "--factor",
-                "2",
-                "--num_inference_steps",
-                "4",
-                "--posterior_method",
-                "dmps",
-                "--seed",
-                "1",
-                "--device",
-                "cpu",
-                *args,
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        res = monai_bundle(
+            "['configs/inference.json','configs/inference_posterior.json','configs/tiny.json']",
+            "--input_image",
+            str(src),
+            "--output_image",
+            str(outs[-1]),
+            "--ckpt_dir",
+            str(models),
+            "--operator",
+            "thick_slice",
+            "--factor",
+            "2",
+            "--num_inference_steps",
+            "4",
+            "--posterior_method",
+            "dmps",
+            "--seed",
+            "1",
+            "--device",
+            "cpu",
+            *args,
         )
         assert res.returncode == 0, res.stderr[-3000:]
     img, ref = nib.load(outs[0]), nib.load(src)

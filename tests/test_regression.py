@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from scripts.regression import PlaneResidualNet, plane_pairs
 from scripts.trainers import identity_start
-from tests.conftest import ROOT, tracked_training
+from tests.conftest import ROOT, monai_bundle, tracked_training
 from tests.test_pipeline import _run
 
 
@@ -29,12 +26,7 @@ def test_regression_peer_trains_and_enhances(crops, tmp_path):
         parser.get_parsed_content("regression").state_dict()
     )
     out = tmp_path / "reg.nii.gz"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
+    res = monai_bundle(
         "['configs/inference.json','configs/inference_regression.json','configs/tiny.json']",
         "--input_image",
         str(crops / "c.nii.gz"),
@@ -46,8 +38,7 @@ def test_regression_peer_trains_and_enhances(crops, tmp_path):
         "[1.1406, 1.1406, 2.5]",
         "--device",
         "cpu",
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     img = nib.load(out)
     assert img.shape == (64, 64, 32) and img.get_data_dtype() == np.int16
