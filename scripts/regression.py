@@ -46,9 +46,7 @@ class PlaneResidualNet(nn.Module):
         if x.ndim == 4:
             return x[:, self.context : self.context + 1] + self.body(x)
         if x.ndim != 5 or x.shape[1] != 1:
-            raise ValueError(
-                f"PlaneResidualNet takes (B, 1, X, Y, Z) volumes or (N, C, H, Z) planes, got {tuple(x.shape)}"
-            )
+            raise ValueError(f"PlaneResidualNet takes (B, 1, X, Y, Z) volumes or (N, C, H, Z) planes, got {x.shape}")
         return x + 0.5 * (self._residual(x, 3) + self._residual(x, 2))
 
     def _residual(self, x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -58,18 +56,16 @@ class PlaneResidualNet(nn.Module):
         padded = nn.functional.pad(x[:, 0], pad, mode="replicate")  # (B, X', Y', Z)
         stack = padded.unfold(axis - 1, 2 * c + 1, 1)  # (B, ..., Z, 2c+1) with planes along axis - 1
         stack = stack.movedim(axis - 1, 1).movedim(-1, 2)  # (B, n, 2c+1, H, Z)
-        b, n = stack.shape[:2]
-        planes = stack.reshape(b * n, *stack.shape[2:])
-        fmt = (
-            torch.channels_last
-            if self.body[0].weight.is_contiguous(memory_format=torch.channels_last)
-            and not self.body[0].weight.is_contiguous()
-            else torch.contiguous_format
-        )
-        out = torch.cat(
-            [self.body(planes[i : i + self.chunk].contiguous(memory_format=fmt)) for i in range(0, b * n, self.chunk)]
-        )  # (B * n, 1, H, Z)
-        return out.reshape(b, n, *out.shape[2:]).movedim(1, axis - 1).unsqueeze(1)
+        b, n, h, z = stack.shape[0], stack.shape[1], stack.shape[3], stack.shape[4]
+        planes = stack.reshape(b * n, 2 * c + 1, h, z)
+        weight = self.body[0].weight
+        last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        chunks = []
+        for i in range(0, b * n, self.chunk):
+            chunk = planes[i : i + self.chunk]
+            chunks.append(self.body(chunk.contiguous(memory_format=torch.channels_last) if last else chunk))
+        out = torch.cat(chunks)  # (B * n, 1, H, Z)
+        return out.reshape(b, n, h, z).movedim(1, axis - 1).unsqueeze(1)
 
 
 def plane_pairs(
