@@ -52,8 +52,7 @@ class PlaneResidualNet(nn.Module):
     def _residual(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         """The body's residual for every plane across ``axis`` (3: x-z planes, 2: y-z planes), as a volume."""
         c = self.context
-        pad = [0, 0, c, c, 0, 0] if axis == 3 else [0, 0, 0, 0, c, c]
-        padded = nn.functional.pad(x[:, 0], pad, mode="replicate")  # (B, X', Y', Z)
+        padded = pad_across(x[:, 0], axis, c)  # (B, X', Y', Z)
         stack = padded.unfold(axis - 1, 2 * c + 1, 1)  # (B, ..., Z, 2c+1) with planes along axis - 1
         stack = stack.movedim(axis - 1, 1).movedim(-1, 2)  # (B, n, 2c+1, H, Z)
         b, n, h, z = stack.shape[0], stack.shape[1], stack.shape[3], stack.shape[4]
@@ -68,6 +67,13 @@ class PlaneResidualNet(nn.Module):
         return out.reshape(b, n, h, z).movedim(1, axis - 1).unsqueeze(1)
 
 
+def pad_across(volumes: torch.Tensor, axis: int, context: int) -> torch.Tensor:
+    """``(B, X, Y, Z)`` volumes with ``context`` edge-replicated planes added on both sides across ``axis`` of the
+    ``(B, 1, X, Y, Z)`` layout (2: x, 3: y), so that every plane has its neighbours."""
+    pad = [0, 0, context, context, 0, 0] if axis == 3 else [0, 0, 0, 0, context, context]
+    return nn.functional.pad(volumes, pad, mode="replicate")
+
+
 def plane_pairs(
     condition: torch.Tensor, image: torch.Tensor, per_axis: int, context: int, axes: Sequence[int] = (2, 3)
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,11 +82,7 @@ def plane_pairs(
     plane as target. Square in-plane crops give planes of one shape for both axes."""
     cond, target = [], []
     for axis in axes:
-        c = nn.functional.pad(
-            condition[:, 0],
-            [0, 0, context, context, 0, 0] if axis == 3 else [0, 0, 0, 0, context, context],
-            mode="replicate",
-        )
+        c = pad_across(condition[:, 0], axis, context)
         n = image.shape[axis]
         for b in range(image.shape[0]):
             for k in torch.randint(0, n, (per_axis,)).tolist():
