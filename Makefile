@@ -107,12 +107,14 @@ release-data: $(STAMP)
 # crops) every epoch, stopped by --patience or REG_SECONDS (resumable: run again to go on; the best model by
 # validation L1 is $(R)/models/regression.pt).
 REG_SECONDS := 3000
+# on a fresh machine (no earlier checkpoint under $(R)/models): REG_INIT=models/regression.pt starts from the shipped weights
+REG_INIT :=
 release-regression: $(STAMP)
 	mkdir -p $(R)/logs
 	$(RUN) training --config_file configs/train_regression.json --datalist $(R)/lowdose/datalist.json \
 	    --ckpt_dir $(R)/models --output_dir $(R)/regression --batch_size 2 --max_epochs 7 --epoch_length 150 \
-	    --val_interval 1 --lr 0.0005 --max_seconds $(REG_SECONDS) --patience 5 --resume auto \
-	    >> $(R)/logs/regression.log 2>&1
+	    --val_interval 1 --lr 0.0005 --max_seconds $(REG_SECONDS) --patience 5 \
+	    $(if $(REG_INIT),--init_weights $(REG_INIT),--resume auto) >> $(R)/logs/regression.log 2>&1
 
 # The results table of the release on the validation volumes (classical baselines and the regression stage);
 # RESULTS_TASKS picks tasks (the super-resolution ones: RESULTS_TASKS=$(SR_TASKS)).
