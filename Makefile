@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-results device-kit clean
+.PHONY: install lint format demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-restoration release-results device-kit clean
 
 install: $(STAMP)
 
@@ -115,6 +115,18 @@ release-regression: $(STAMP)
 	    --ckpt_dir $(R)/models --output_dir $(R)/regression --batch_size 2 --max_epochs 7 --epoch_length 150 \
 	    --val_interval 1 --lr 0.0005 --max_seconds $(REG_SECONDS) --patience 5 \
 	    $(if $(REG_INIT),--init_weights $(REG_INIT),--resume auto) >> $(R)/logs/regression.log 2>&1
+
+# The release restoration stage (models/restoration.pt): the same plane network and recipe, trained on the same-grid
+# degradations (CT: low dose from the cache, blur; MR: Rician noise, k-space truncation, blur) by
+# configs/train_restoration.json; the main job runs it when the grid does not change.
+RES_SECONDS := 3600
+RES_INIT :=
+release-restoration: $(STAMP)
+	mkdir -p $(R)/logs
+	$(RUN) training --config_file "['configs/train_regression.json','configs/train_restoration.json']" \
+	    --datalist $(R)/lowdose/datalist.json --ckpt_dir $(R)/models --output_dir $(R)/restoration --batch_size 2 \
+	    --max_epochs 8 --epoch_length 150 --val_interval 1 --lr 0.0005 --max_seconds $(RES_SECONDS) --patience 5 \
+	    $(if $(RES_INIT),--init_weights $(RES_INIT),--resume auto) >> $(R)/logs/restoration.log 2>&1
 
 # The results table of the release on the validation volumes (classical baselines and the regression stage);
 # RESULTS_TASKS picks tasks (the super-resolution ones: RESULTS_TASKS=$(SR_TASKS)).

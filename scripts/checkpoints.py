@@ -289,3 +289,14 @@ def load_weights(
             "config they were trained with (for example configs/small.json in the config list)"
         ) from e
     return network
+
+
+def load_weights_if_present(
+    network: torch.nn.Module, path: str | Path, map_location: str | torch.device = "cpu"
+) -> torch.nn.Module | None:
+    """``load_weights`` for an optional network (the same-grid restoration stage): ``None``, logged, when ``path``
+    does not exist; weights that do not fit are still an error. The network is returned on ``map_location``."""
+    if not Path(path).is_file():
+        logger.warning("%s: no weights; the network it holds is not used", path)
+        return None
+    return load_weights(network, path, map_location).to(map_location)

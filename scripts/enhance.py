@@ -192,9 +192,11 @@ def enhance_volume(
     """Enhance a loaded ``(1, X, Y, Z)`` MetaTensor; return the mean, the std map (``num_samples > 1``), the
     output affine and the modality used. Values are in the input's units.
 
-    ``method='regression'`` runs the supervised peer (``networks['regression']``) with MONAI's sliding window on
-    the same condition instead of the latent ControlNet. With ``method='diffusion'`` and a ``networks['regression']``
-    (``--two_stage true``), the chain is two-stage (DiffBIR-style): the regression network removes the degradation
+    ``method='regression'`` runs the supervised peer with MONAI's sliding window on the same condition instead of
+    the latent ControlNet: ``networks['restoration']`` (the same-grid specialist: noise, blur) when the grid does
+    not change and it is given, else ``networks['regression']`` (through-plane super-resolution; see
+    ``regression_for``). With ``method='diffusion'`` and such a network (``--two_stage true``), the chain is
+    two-stage (DiffBIR-style): the regression network removes the degradation
     first, and the ControlNet's condition, the SDEdit start and the residual-decoding base are its output
     (``r + D(z) - D(E(r))``), so that sampling adds what regression averages away. ``consistency=True`` ends
     either method with ``data_consistency`` against the input (super-resolution: the input's slices are
@@ -214,19 +216,23 @@ def enhance_volume(
         raise InputError("--residual_decoding: applies to the latent method; the regression peer is residual already")
     modality = resolve_modality(image, modality)
     spacing = target_spacing_of(image, target_spacing)
-    if np.allclose(spacing, spacing_of(image.affine)):
+    same_grid = bool(np.allclose(spacing, spacing_of(image.affine)))
+    peer = regression_for(networks, same_grid)
+    if same_grid:
         condition, affine = image.as_tensor().float(), np.asarray(image.affine)
     else:
         condition, affine = resample(image.as_tensor().float(), np.asarray(image.affine), spacing, "trilinear")
     params = intensity_params(image.as_tensor(), modality)
     x = normalize(condition, params)[None].to(device)
     if method == "regression":
-        out = denormalize(regress(networks["regression"], x, sw, device, amp, progress)[0].cpu(), params)
+        if peer is None:
+            raise InputError("--method regression: no regression network given (networks 'regression'/'restoration')")
+        out = denormalize(regress(peer, x, sw, device, amp, progress)[0].cpu(), params)
         if consistency:
             out = data_consistency(out, image.as_tensor()[0].float())
         return physical_range(out, image, modality), None, affine, modality
-    if networks.get("regression") is not None:  # two-stage: the ControlNet restores regression's output
-        x = regress(networks["regression"], x, sw, device, amp, progress)
+    if peer is not None:  # two-stage: the ControlNet restores regression's output
+        x = regress(peer, x, sw, device, amp, progress)
     ae: AutoencoderKL = networks["autoencoder"].eval()
     denoiser = (
         networks["denoiser"]
@@ -275,6 +281,15 @@ def enhance_volume(
     stack = torch.stack(samples)
     std = stack.std(0) if len(samples) > 1 else None
     return stack.mean(0), std, affine, modality
+
+
+def regression_for(networks: dict, same_grid: bool) -> torch.nn.Module | None:
+    """The regression network for a volume: the same-grid restoration specialist (``networks['restoration']``:
+    denoising, deblurring) when the grid does not change and it is given, else ``networks['regression']`` (the
+    super-resolution specialist, which also serves same-grid volumes when no restoration network is given)."""
+    if same_grid and networks.get("restoration") is not None:
+        return networks["restoration"]
+    return networks.get("regression")
 
 
 @torch.no_grad()

@@ -102,6 +102,7 @@ def validated_training(stage: str, ckpt, values, epochs: range, state: dict | No
     raw = json.loads((ROOT / "configs" / f"train_{stage}.json").read_text())
     parser = ConfigParser(
         {
+            "name": raw.get("name"),
             "saver": {
                 **raw["validate"]["best_saver"],
                 "save_dir": str(ckpt),
@@ -136,7 +137,9 @@ def test_the_best_model_survives_a_resume_and_patience_stops_training(stage, tmp
     declared = raw["validate"]["evaluator"].get("metric_cmp_fn")
     if declared:  # the evaluator's own notion of "better" agrees with the saver's
         assert ConfigParser({"f": declared}).get_parsed_content("f")(0.1, 0.2) == LOWER_IS_BETTER[stage]
-    best_file = tmp_path / raw["validate"]["best_saver"]["key_metric_filename"]
+    filename = {"name": raw.get("name"), "f": raw["validate"]["best_saver"]["key_metric_filename"]}
+    best_file = tmp_path / ConfigParser(filename).get_parsed_content("f")
+    assert best_file.name == f"{stage}.pt"
 
     def best_epoch() -> int:
         return int(torch.load(best_file, weights_only=True)["weight"].item())

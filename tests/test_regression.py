@@ -44,6 +44,53 @@ def test_regression_peer_trains_and_enhances(crops, tmp_path):
     assert img.shape == (64, 64, 32) and img.get_data_dtype() == np.int16
 
 
+def test_the_restoration_override_trains_the_same_grid_specialist(crops, tmp_path):
+    """``configs/train_restoration.json``: the same recipe on the same-grid degradations (no thick slices), saved
+    under its own name so that it never overwrites the super-resolution network."""
+    ckpt = tmp_path / "models"
+    parser = _run(
+        ["train_regression.json", "train_restoration.json", "tiny.json"],
+        datalist=str(crops / "datalist.json"),
+        ckpt_dir=str(ckpt),
+        output_dir=str(tmp_path / "tb"),
+        max_epochs=1,
+    )
+    names = {p.name for p in ckpt.iterdir()}
+    assert "restoration.pt" in names and not any(n.startswith("regression") for n in names)
+    pipeline = parser.get_parsed_content("degradations")
+    kinds = {m: {type(t).__name__ for t in pipeline[m].transforms} for m in ("ct", "mr")}
+    assert kinds == {
+        "ct": {"RandCachedLowDoseCTd", "RandBlurd"},
+        "mr": {"RandRicianNoised", "RandKSpaceTruncated", "RandBlurd"},
+    }
+
+
+def test_same_grid_volumes_go_to_the_restoration_network():
+    """The main job's regression method: the restoration network on the same grid, the super-resolution network
+    when the grid changes, and the latter for both when no restoration network is given."""
+    from monai.data import MetaTensor
+    from scripts.enhance import enhance_volume
+
+    class Shift(torch.nn.Module):
+        def __init__(self, value: float) -> None:
+            super().__init__()
+            self.value = torch.nn.Parameter(torch.tensor(value))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.value
+
+    image = MetaTensor(100 * torch.rand(1, 16, 16, 8), affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0])))
+    kw = {"modality": "ct", "method": "regression", "progress": False, "sliding_window": {"roi_size": [16, 16, 16]}}
+    sr, rest = Shift(0.1), Shift(-0.1)
+
+    def run(networks: dict, spacing: list | None) -> torch.Tensor:
+        return enhance_volume(image, networks, spacing, **kw)[0]
+
+    both = {"regression": sr, "restoration": rest}
+    assert (run(both, None) < run({"regression": sr}, None) - 10).all()  # -0.1 against +0.1 (of 1000 HU)
+    torch.testing.assert_close(run(both, [1.0, 1.0, 1.0]), run({"regression": sr}, [1.0, 1.0, 1.0]))
+
+
 def test_regression_training_with_mlflow(crops, tmp_path):
     run, artifacts = tracked_training("train_regression.json", crops, tmp_path)
     assert {"train_loss", "val_l1"} <= set(run.data.metrics) and run.data.params["max_epochs"] == "1"
