@@ -204,6 +204,17 @@ def split_release(
     return datalist
 
 
+def only_modalities(entries: list[dict], modalities: Sequence[str] | None, default: str | None = None) -> list[dict]:
+    """The entries of ``modalities`` (an entry without a ``modality`` key has ``default``); all for ``None``. A
+    specialist trained on one modality (``configs/train_restoration.json``) reads its volumes from a mixed list."""
+    if modalities is None:
+        return entries
+    kept = [e for e in entries if e.get("modality", default) in modalities]
+    if not kept:
+        raise InputError(f"no {'/'.join(modalities)} volume in the datalist ({len(entries)} entries)")
+    return kept
+
+
 def read_datalist(
     path: str, key: str = "training", base_dir: str | None = None, path_keys: Sequence[str] = ("image",)
 ) -> list[dict]:

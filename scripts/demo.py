@@ -3,7 +3,7 @@
 Two tasks: through-plane super-resolution (5 mm -> 10 mm thick slices -> back to 5 mm) and quarter-dose CT
 denoising. The classical baselines always run (trilinear and cubic B-spline interpolation; Gaussian filtering and
 non-local means, each tuned as in ``scripts.baseline_report``). When ``ckpt_dir`` holds trained weights, the
-regression stage (``regression.pt`` for super-resolution, ``restoration.pt`` for the same-grid task) and the main
+regression stage (``regression.pt`` for super-resolution, ``restoration_ct.pt`` for the same-grid task) and the main
 job's latent diffusion + ControlNet run as well (each when its weights are there);
 without any the demo says that it shows the *classical baseline* only. It prints the metrics and writes the
 degraded inputs, the restorations (NIfTI) and PNG montages (input, best classical method, regression, ours,
@@ -67,7 +67,7 @@ def run_demo(
             "filters (Gaussian sigma and NLM h tuned against the reference), the numbers a network must beat.",
         ]
     if regression is not None:
-        same_grid = "restoration stage" if regression.get("restoration") is not None else "no same-grid weights"
+        same_grid = "CT restoration stage" if regression["restoration"]["ct"] is not None else "no CT same-grid weights"
         lines += [
             f"regression: the regression stage (super-resolution; {same_grid}), weights from {ckpt_dir}, "
             f"data consistency {flag(consistency)}"
@@ -92,7 +92,7 @@ def run_demo(
         save_volume(y, y_aff, out / f"{task}_input.nii.gz", dtype="int16")
         restored = restore_all(task, y, y_aff, spacing_of(affine))
         # the super-resolution specialist changes the grid; same-grid tasks need the restoration specialist
-        if regression is not None and (y.shape != x.shape or regression.get("restoration") is not None):
+        if regression is not None and (y.shape != x.shape or regression["restoration"]["ct"] is not None):
             t0 = time.perf_counter()
             v, _, _, _ = enhance_volume(
                 MetaTensor(y[None], affine=torch.as_tensor(y_aff)),

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SPACING_TOLERANCE = 0.01  # relative deviation of a slice gap from the median gap
 TILT_TOLERANCE_DEG = 0.5
+PYDICOM_MAJOR = int(pydicom.__version__.split(".")[0])
 
 
 def _headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
@@ -219,6 +220,16 @@ STALE_TAGS = (
 SOP_CLASS = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
 
 
+def write_file(ds: pydicom.Dataset, path: Path) -> None:
+    """Write ``ds`` as a DICOM file with its file meta header, explicit VR little endian. pydicom 3 takes the
+    encoding from the transfer syntax; pydicom 2 (the MONAI Label server's environment) needs it on the dataset."""
+    if PYDICOM_MAJOR >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(path, write_like_original=False)
+
+
 def series_template(folder: str | Path, series_uid: str | None = None) -> pydicom.Dataset:
     """The header (no pixels) of the first slice of a series: its patient and study tags seed a derived series."""
     headers = [
@@ -310,7 +321,7 @@ def write_series(
             ds.ImagePositionPatient = [_ds_number(v) for v in (lps[:3, 3] + lps[:3, 2] * k)]
             stored = np.rint((vol[:, :, k].T - lo) / slope).clip(0, 65535).astype(np.uint16)
             ds.add_new(0x7FE00010, "OW", stored.tobytes())
-            ds.save_as(tmp / f"slice_{k:04d}.dcm", enforce_file_format=True)
+            write_file(ds, tmp / f"slice_{k:04d}.dcm")
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)

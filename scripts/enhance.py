@@ -193,8 +193,8 @@ def enhance_volume(
     output affine and the modality used. Values are in the input's units.
 
     ``method='regression'`` runs the supervised peer with MONAI's sliding window on the same condition instead of
-    the latent ControlNet: ``networks['restoration']`` (the same-grid specialist: noise, blur) when the grid does
-    not change and it is given, else ``networks['regression']`` (through-plane super-resolution; see
+    the latent ControlNet: ``networks['restoration']`` (the same-grid specialist of the modality: noise, blur)
+    when the grid does not change and it is given, else ``networks['regression']`` (through-plane super-resolution; see
     ``regression_for``). With ``method='diffusion'`` and such a network (``--two_stage true``), the chain is
     two-stage (DiffBIR-style): the regression network removes the degradation
     first, and the ControlNet's condition, the SDEdit start and the residual-decoding base are its output
@@ -217,7 +217,7 @@ def enhance_volume(
     modality = resolve_modality(image, modality)
     spacing = target_spacing_of(image, target_spacing)
     same_grid = bool(np.allclose(spacing, spacing_of(image.affine)))
-    peer = regression_for(networks, same_grid)
+    peer = regression_for(networks, same_grid, modality)
     if same_grid:
         condition, affine = image.as_tensor().float(), np.asarray(image.affine)
     else:
@@ -283,12 +283,16 @@ def enhance_volume(
     return stack.mean(0), std, affine, modality
 
 
-def regression_for(networks: dict, same_grid: bool) -> torch.nn.Module | None:
-    """The regression network for a volume: the same-grid restoration specialist (``networks['restoration']``:
-    denoising, deblurring) when the grid does not change and it is given, else ``networks['regression']`` (the
-    super-resolution specialist, which also serves same-grid volumes when no restoration network is given)."""
-    if same_grid and networks.get("restoration") is not None:
-        return networks["restoration"]
+def regression_for(networks: dict, same_grid: bool, modality: str) -> torch.nn.Module | None:
+    """The regression network for a volume: the same-grid restoration specialist (``networks['restoration']``, a
+    network or one per modality: denoising, deblurring) when the grid does not change and it is given, else
+    ``networks['regression']`` (the super-resolution specialist, which also serves same-grid volumes when no
+    restoration network is given)."""
+    restoration = networks.get("restoration")
+    if isinstance(restoration, dict):
+        restoration = restoration.get(modality)
+    if same_grid and restoration is not None:
+        return restoration
     return networks.get("regression")
 
 

@@ -141,3 +141,15 @@ def test_training_curves_from_tensorboard_logs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no training loss"):
         training_curves({"x": tmp_path / "empty"}, tmp_path / "bad.png")
+
+
+def test_a_specialist_reads_only_its_modality_from_a_mixed_datalist():
+    from scripts.datalist import only_modalities
+    from scripts.errors import InputError
+
+    entries = [{"image": "a", "modality": "ct"}, {"image": "b", "modality": "mr"}, {"image": "c"}]
+    assert [e["image"] for e in only_modalities(entries, ["ct"], default="ct")] == ["a", "c"]
+    assert [e["image"] for e in only_modalities(entries, ["mr"], default="ct")] == ["b"]
+    assert only_modalities(entries, None) == entries
+    with pytest.raises(InputError, match="no mr volume"):
+        only_modalities(entries[:1], ["mr"])

@@ -62,8 +62,8 @@ def test_demo_runs_the_regression_stage_on_super_resolution_when_only_its_weight
     assert "CLASSICAL BASELINE ONLY" not in printed and "regression stage" in printed
     assert nib.load(out / "ct_sr_5to10mm_regression.nii.gz").shape == nib.load(crops / "c.nii.gz").shape
     # with the same-grid specialist's weights the denoising task runs it too
-    torch.save(tiny.get_parsed_content("regression_def").state_dict(), ckpt / "restoration.pt")
+    torch.save(tiny.get_parsed_content("regression_def").state_dict(), ckpt / "restoration_ct.pt")
     report = run_demo(
         str(crops / "c.nii.gz"), str(out), ckpt_dir=str(ckpt), network_configs=TINY, sliding_window=WINDOW
     )
-    assert "regression" in report["ct_lowdose_quarter"] and "restoration stage" in capsys.readouterr().out
+    assert "regression" in report["ct_lowdose_quarter"] and "CT restoration stage" in capsys.readouterr().out

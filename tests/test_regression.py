@@ -45,8 +45,8 @@ def test_regression_peer_trains_and_enhances(crops, tmp_path):
 
 
 def test_the_restoration_override_trains_the_same_grid_specialist(crops, tmp_path):
-    """``configs/train_restoration.json``: the same recipe on the same-grid degradations (no thick slices), saved
-    under its own name so that it never overwrites the super-resolution network."""
+    """``configs/train_restoration.json``: the same recipe on the same-grid degradations (no thick slices) of CT
+    volumes only, saved under its own name so that it never overwrites the super-resolution network."""
     ckpt = tmp_path / "models"
     parser = _run(
         ["train_regression.json", "train_restoration.json", "tiny.json"],
@@ -56,7 +56,7 @@ def test_the_restoration_override_trains_the_same_grid_specialist(crops, tmp_pat
         max_epochs=1,
     )
     names = {p.name for p in ckpt.iterdir()}
-    assert "restoration.pt" in names and not any(n.startswith("regression") for n in names)
+    assert "restoration_ct.pt" in names and not any(n.startswith("regression") for n in names)
     pipeline = parser.get_parsed_content("degradations")
     kinds = {m: {type(t).__name__ for t in pipeline[m].transforms} for m in ("ct", "mr")}
     assert kinds == {
@@ -66,8 +66,8 @@ def test_the_restoration_override_trains_the_same_grid_specialist(crops, tmp_pat
 
 
 def test_same_grid_volumes_go_to_the_restoration_network():
-    """The main job's regression method: the restoration network on the same grid, the super-resolution network
-    when the grid changes, and the latter for both when no restoration network is given."""
+    """The main job's regression method: the restoration network (of the volume's modality) on the same grid, the
+    super-resolution network when the grid changes, and the latter for both when no restoration network is given."""
     from monai.data import MetaTensor
     from scripts.enhance import enhance_volume
 
@@ -86,9 +86,11 @@ def test_same_grid_volumes_go_to_the_restoration_network():
     def run(networks: dict, spacing: list | None) -> torch.Tensor:
         return enhance_volume(image, networks, spacing, **kw)[0]
 
-    both = {"regression": sr, "restoration": rest}
-    assert (run(both, None) < run({"regression": sr}, None) - 10).all()  # -0.1 against +0.1 (of 1000 HU)
-    torch.testing.assert_close(run(both, [1.0, 1.0, 1.0]), run({"regression": sr}, [1.0, 1.0, 1.0]))
+    for both in ({"regression": sr, "restoration": rest}, {"regression": sr, "restoration": {"ct": rest, "mr": None}}):
+        assert (run(both, None) < run({"regression": sr}, None) - 10).all()  # -0.1 against +0.1 (of 1000 HU)
+        torch.testing.assert_close(run(both, [1.0, 1.0, 1.0]), run({"regression": sr}, [1.0, 1.0, 1.0]))
+    only_mr = {"regression": sr, "restoration": {"ct": None, "mr": rest}}  # no CT specialist: the SR network
+    torch.testing.assert_close(run(only_mr, None), run({"regression": sr}, None))
 
 
 def test_regression_training_with_mlflow(crops, tmp_path):
