@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-restoration release-results device-kit clean
+.PHONY: install lint format label-server demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-restoration release-results device-kit clean
 
 install: $(STAMP)
 
@@ -33,6 +33,18 @@ lint: $(LINT_STAMP)
 format: $(LINT_STAMP)
 	$(LINT)/bin/isort --settings-path .ci/lint/setup.cfg $(LINT_PATHS)
 	$(LINT)/bin/black --config .ci/lint/pyproject.toml --skip-magic-trailing-comma $(LINT_PATHS)
+
+# The MONAI Label server's separate environment (its dependencies conflict with the pinned stack above; see
+# requirements-label-server.txt). Serve with: .venv-label/bin/monailabel start_server --app scripts/label_app ...
+LABEL_ENV := .venv-label
+LABEL_STAMP := $(LABEL_ENV)/.installed
+label-server: $(LABEL_STAMP)
+
+$(LABEL_STAMP): requirements-label-server.txt
+	$(PYTHON) -m venv $(LABEL_ENV)
+	$(LABEL_ENV)/bin/pip install --quiet --upgrade pip
+	$(LABEL_ENV)/bin/pip install --quiet --no-deps -r requirements-label-server.txt
+	touch $(LABEL_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m monai.bundle run --config_file configs/demo.json
@@ -117,9 +129,10 @@ release-regression: $(STAMP)
 	    $(if $(REG_INIT),--init_weights $(REG_INIT),--resume auto) >> $(R)/logs/regression.log 2>&1
 
 # The release restoration stages (models/restoration_ct.pt, models/restoration_mr.pt): the same plane network and
-# recipe on the same-grid degradations, one network per modality (configs/train_restoration.json: CT low dose from
-# the cache and blur; + configs/train_restoration_mr.json: MR Rician noise, k-space truncation and blur). One blind
-# network for both modalities learnt MR's Rician bias and subtracted it from CT too: worse than its input.
+# recipe on the same-grid task, one network per modality, denoising so far (configs/train_restoration.json: CT low
+# dose from the cache; + configs/train_restoration_mr.json: MR Rician noise). One blind network for both modalities
+# learnt MR's Rician bias and subtracted it from CT too; one for CT noise and blur together stayed at its identity
+# start (the two residuals have opposite signs): both were worse than their input on validation.
 # The main job runs them when the grid does not change.
 RES_SECONDS := 2400
 RES_INIT_CT :=

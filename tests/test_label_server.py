@@ -18,7 +18,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from monai.bundle import ConfigParser
 from tests.conftest import ROOT
+
+TINY = json.loads((ROOT / "configs" / "tiny.json").read_text())
 
 LABEL_ENV = ROOT / ".venv-label"
 pytestmark = pytest.mark.skipif(
@@ -54,7 +58,7 @@ def _post_form(url: str, fields: dict[str, str]) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def _start(studies: Path, ckpt_dir: Path, port: int, log: Path) -> subprocess.Popen:
+def _start(studies: Path, ckpt_dir: Path, port: int, log: Path, configs: str) -> subprocess.Popen:
     env = {
         **os.environ,
         "PATH": f"{LABEL_ENV / 'bin'}:{os.environ['PATH']}",
@@ -64,7 +68,7 @@ def _start(studies: Path, ckpt_dir: Path, port: int, log: Path) -> subprocess.Po
     env.pop("PYTHONPATH", None)
     cmd = [str(LABEL_ENV / "bin" / "monailabel"), "start_server", "--app", str(ROOT / "scripts" / "label_app")]
     cmd += ["--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
-    for key, value in {"ckpt_dir": str(ckpt_dir), "network_configs": "configs/tiny.json", "device": "cpu"}.items():
+    for key, value in {"ckpt_dir": str(ckpt_dir), "network_configs": configs, "device": "cpu"}.items():
         cmd += ["--conf", key, value]
     with log.open("w") as f:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -93,21 +97,30 @@ def _stop(server: subprocess.Popen) -> None:
             server.wait()
 
 
-@pytest.mark.parametrize("with_weights", [True, False])
-def test_a_live_server_enhances_the_opened_image(crops, weights, tmp_path, with_weights):
+@pytest.mark.parametrize("method", ["diffusion", "regression", "no weights"])
+def test_a_live_server_enhances_the_opened_image(crops, weights, tmp_path, method):
+    """The main job's latent chain (tiny weights), the regression stage (``--conf network_configs
+    configs/inference_regression.json,...``, the shipped kind of weights), and a task without weights."""
     studies = tmp_path / "studies"
     studies.mkdir()
     shutil.copy(crops / "c.nii.gz", studies / "c.nii.gz")
-    ckpt = weights if with_weights else tmp_path / "no_weights"
+    ckpt, configs, with_weights = weights, "configs/tiny.json", method != "no weights"
+    if method == "regression":
+        ckpt, configs = tmp_path / "models", "configs/inference_regression.json,configs/tiny.json"
+        ckpt.mkdir()
+        torch.save(ConfigParser(TINY).get_parsed_content("regression_def").state_dict(), ckpt / "regression.pt")
+    elif not with_weights:
+        ckpt = tmp_path / "no_weights"
     port, log = _free_port(), tmp_path / "server.log"
-    server = _start(studies, ckpt, port, log)
+    server = _start(studies, ckpt, port, log, configs)
     try:
         info = _wait_until_up(server, f"http://127.0.0.1:{port}/info/", log)
         params = json.dumps({"target_spacing": "1.1406,1.1406,2.5", "num_inference_steps": 1})
         status, body = _post_form(f"http://127.0.0.1:{port}/infer/enhance?image=c&output=image", {"params": params})
-        if not with_weights:  # the task is not offered, and the log says why
+        if not with_weights:  # the task is not offered; the request is answered with the reason
             assert "enhance" not in info.get("models", {})
-            assert status >= 400 and "no weights" in log.read_text()
+            assert status == 422 and b"no_weights/autoencoder.pt: no autoencoder weights" in body, body
+            return
             return
         assert "enhance" in info["models"], info
         assert status == 200, body[-2000:]
@@ -122,3 +135,25 @@ def test_a_live_server_enhances_the_opened_image(crops, weights, tmp_path, with_
         assert -1100 <= hu.min() and hu.max() <= 3100 and hu.std() > 10
     finally:
         _stop(server)
+
+
+def test_dicom_output_round_trips_on_the_servers_pydicom():
+    """The server's environment has pydicom 2 (pydicom-seg needs it): a series written by scripts.dicom reads back
+    with the same values and affine there too."""
+    script = """
+import sys, tempfile, pathlib
+import numpy as np, pydicom, torch
+from scripts.dicom import new_template, read_series, write_series
+vol = torch.tensor(np.random.default_rng(0).integers(-1000, 1000, (16, 12, 5)).astype(np.float32))
+aff = np.diag([0.8, 0.7, 2.5, 1.0]); aff[:3, 3] = [10, -20, 30]
+out = pathlib.Path(tempfile.mkdtemp()) / "series"
+write_series(vol, aff, new_template("CT"), out)
+back = read_series(out)
+assert np.array_equal(back.as_tensor()[0].numpy(), vol.numpy()) and np.allclose(np.asarray(back.affine), aff)
+print(pydicom.__version__)
+"""
+    res = subprocess.run(
+        [str(LABEL_ENV / "bin" / "python"), "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().startswith("2.")

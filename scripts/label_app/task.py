@@ -62,7 +62,8 @@ class EnhanceTask(InferTask):
             self._parser = inference_parser(self.config_files, **overrides)
         p = self._parser  # parsed content is cached by the parser: the networks load once
         options = {
-            "strength": float(p["strength"]),  # the main job's defaults
+            "method": str(p["method"]),  # the main job's defaults (configs/inference_regression.json: regression)
+            "strength": float(p["strength"]),
             "residual_decoding": flag(p["residual_decoding"], "residual_decoding"),
             "consistency": flag(p["data_consistency"], "data_consistency"),
         }
