@@ -1,10 +1,10 @@
-"""The quick-start demo: degrade a small real CT sample and restore it.
+"""The quick-start demo: degrade small real CT and MR samples and restore them.
 
-Two tasks: through-plane super-resolution (5 mm -> 10 mm thick slices -> back to 5 mm) and quarter-dose CT
-denoising. The classical baselines always run (trilinear and cubic B-spline interpolation; Gaussian filtering and
+Three tasks: through-plane super-resolution (5 mm -> 10 mm thick slices -> back to 5 mm) and quarter-dose
+denoising of the CT sample, and Rician-noise denoising of the MR sample (when one is given). The classical baselines always run (trilinear and cubic B-spline interpolation; Gaussian filtering and
 non-local means, each tuned as in ``scripts.baseline_report``). When ``ckpt_dir`` holds trained weights, the
-regression stage (``regression.pt`` for super-resolution, ``restoration_ct.pt`` for the same-grid task) and the main
-job's latent diffusion + ControlNet run as well (each when its weights are there);
+regression stage (``regression.pt`` for super-resolution, ``restoration_<modality>.pt`` for the same-grid tasks) and
+the main job's latent diffusion + ControlNet run as well (each when its weights are there);
 without any the demo says that it shows the *classical baseline* only. It prints the metrics and writes the
 degraded inputs, the restorations (NIfTI) and PNG montages (input, best classical method, regression, ours,
 reference).
@@ -29,12 +29,15 @@ from scripts.options import flag
 from scripts.results import load_networks
 from scripts.volumes import load_volume, save_volume, spacing_of
 
-WINDOW = (-1000.0, 600.0)
+CT_WINDOW = (-1000.0, 600.0)
 TASKS = {"ct_sr_5to10mm": "SR 10 mm -> 5 mm", "ct_lowdose_quarter": "quarter-dose denoising"}
+MR_TASKS = {"mr_rician4": "MR Rician noise (4 %) denoising"}
+MAE_KEY = {"ct": "hu_mae_body", "mr": "mae"}
+MAE_COLUMN = {"ct": "HU-MAE body", "mr": "MAE head"}  # MR: normalised by the 99th percentile (scripts.metrics)
 
 
 def run_demo(
-    sample: str,
+    sample: str | None,
     output_dir: str,
     seed: int = 0,
     ckpt_dir: str = "models",
@@ -45,15 +48,16 @@ def run_demo(
     residual_decoding: bool = False,
     consistency: bool = False,
     amp: bool = True,
+    mr_sample: str | None = None,
 ) -> dict:
-    """Run both demo tasks on ``sample`` (a CT in HU) and write everything to ``output_dir``; the networks of
-    ``network_configs`` with the weights in ``ckpt_dir`` run too when those weights exist, with the main job's
-    ``strength``, ``residual_decoding`` and data ``consistency`` (``configs/demo.json`` takes them from
-    ``configs/inference.json``)."""
+    """Run the CT tasks on ``sample`` (a CT in HU; none when empty), and the MR task on ``mr_sample`` when given,
+    and write everything to ``output_dir``; the networks of ``network_configs`` with the weights in ``ckpt_dir`` run too
+    when those weights exist, with the main job's ``strength``, ``residual_decoding`` and data ``consistency``
+    (``configs/demo.json`` takes them from ``configs/inference.json``)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ref = load_volume(sample)
-    affine, x = np.asarray(ref.affine), ref.as_tensor()[0]
+    cases = [(task, title, "ct", sample) for task, title in TASKS.items() if sample]
+    cases += [(task, title, "mr", mr_sample) for task, title in MR_TASKS.items() if mr_sample]
     networks = load_networks(network_configs, ckpt_dir, "cpu")
     # the regression override right after the main config, so that later size overrides still apply
     regression = load_networks(
@@ -67,10 +71,10 @@ def run_demo(
             "filters (Gaussian sigma and NLM h tuned against the reference), the numbers a network must beat.",
         ]
     if regression is not None:
-        same_grid = "CT restoration stage" if regression["restoration"]["ct"] is not None else "no CT same-grid weights"
+        same_grid = [m.upper() for m, net in regression["restoration"].items() if net is not None]
         lines += [
-            f"regression: the regression stage (super-resolution; {same_grid}), weights from {ckpt_dir}, "
-            f"data consistency {flag(consistency)}"
+            f"regression: the regression stage (super-resolution; same-grid restoration for "
+            f"{', '.join(same_grid) or 'no modality'}), weights from {ckpt_dir}, data consistency {flag(consistency)}"
         ]
     if networks is None and regression is not None:
         lines += [
@@ -83,22 +87,28 @@ def run_demo(
             f"strength {float(strength):g}, residual decoding {flag(residual_decoding)}, data consistency "
             f"{flag(consistency)}, seed {seed}; classical filters tuned against the reference"
         ]
-    lines += [
-        f"sample: {sample}  grid {tuple(x.shape)}  spacing {spacing_of(affine).round(3).tolist()} mm",
-        f"{'task':<20} {'method':<18} {'PSNR dB':>8} {'SSIM':>7} {'HU-MAE body':>12} {'seconds':>8}",
-    ]
-    for task, title in TASKS.items():
+    loaded = None
+    for task, title, modality, path in cases:
+        if loaded != path:
+            ref, loaded = load_volume(path), path
+            affine, x = np.asarray(ref.affine), ref.as_tensor()[0]
+            lines += [
+                f"{modality.upper()} sample: {path}  grid {tuple(x.shape)}  spacing "
+                f"{spacing_of(affine).round(3).tolist()} mm",
+                f"{'task':<20} {'method':<18} {'PSNR dB':>8} {'SSIM':>7} {MAE_COLUMN[modality]:>12} {'seconds':>8}",
+            ]
         y, y_aff = degrade_for_task(task, x, affine, seed)
-        save_volume(y, y_aff, out / f"{task}_input.nii.gz", dtype="int16")
+        dtype = "int16" if modality == "ct" else "float32"
+        save_volume(y, y_aff, out / f"{task}_input.nii.gz", dtype=dtype)
         restored = restore_all(task, y, y_aff, spacing_of(affine))
-        # the super-resolution specialist changes the grid; same-grid tasks need the restoration specialist
-        if regression is not None and (y.shape != x.shape or regression["restoration"]["ct"] is not None):
+        # the super-resolution specialist changes the grid; same-grid tasks need the modality's restoration network
+        if regression is not None and (y.shape != x.shape or regression["restoration"][modality] is not None):
             t0 = time.perf_counter()
             v, _, _, _ = enhance_volume(
                 MetaTensor(y[None], affine=torch.as_tensor(y_aff)),
                 regression,
                 spacing_of(affine).tolist(),
-                "ct",
+                modality,
                 sliding_window=sliding_window,
                 method="regression",
                 consistency=flag(consistency, "data_consistency"),
@@ -111,7 +121,7 @@ def run_demo(
                 MetaTensor(y[None], affine=torch.as_tensor(y_aff)),
                 networks,
                 spacing_of(affine).tolist(),
-                "ct",
+                modality,
                 num_inference_steps,
                 seed,
                 sliding_window=sliding_window,
@@ -123,13 +133,13 @@ def run_demo(
             if v[0].shape != x.shape or not np.allclose(out_affine, affine, atol=1e-4):
                 raise RuntimeError(f"{task}: the enhanced grid {tuple(v[0].shape)} does not match the reference's")
             restored["ours"] = (v[0], time.perf_counter() - t0)
-        results = {m: {"volume": v, "seconds": sec, "metrics": score(v, x, "ct")} for m, (v, sec) in restored.items()}
+        results = {m: {"volume": v, "seconds": sec, "metrics": score(v, x, modality)} for m, (v, sec) in restored.items()}
         classical = [m for m in results if m not in ("degraded input", "ours", "regression")]
         best = max(classical, key=lambda m: results[m]["metrics"]["psnr"])
         shown = resample(y, y_aff, spacing_of(affine), "trilinear")[0]  # y itself on the same grid
         methods = [best, *[m for m in ("regression", "ours") if m in results]]
         for m in methods:
-            save_volume(results[m]["volume"], affine, out / f"{task}_{m.replace(' ', '_')}.nii.gz", dtype="int16")
+            save_volume(results[m]["volume"], affine, out / f"{task}_{m.replace(' ', '_')}.nii.gz", dtype=dtype)
         panels = {
             "input" if y.shape == x.shape else "input (trilinear)": shown,
             **{m: results[m]["volume"] for m in methods},
@@ -139,7 +149,7 @@ def run_demo(
             panels,
             affine,
             out / f"{task}.png",
-            WINDOW,
+            CT_WINDOW if modality == "ct" else (0.0, float(torch.quantile(x.flatten()[::7].float(), 0.995))),
             difference=(methods[-1], "reference"),
             title=f"{title}: "
             + (
@@ -152,7 +162,7 @@ def run_demo(
         for m, r in results.items():
             k = r["metrics"]
             lines.append(
-                f"{task:<20} {m:<18} {k['psnr']:8.2f} {k['ssim']:7.4f} {k['hu_mae_body']:12.2f} "
+                f"{task:<20} {m:<18} {k['psnr']:8.2f} {k['ssim']:7.4f} {k[MAE_KEY[modality]]:12.4g} "
                 f"{r['seconds']:8.2f}" + ("  <- best classical" if m == best else "")
             )
     lines.append(f"outputs and montages in {out}/")
@@ -174,7 +184,17 @@ def make_sample(lung1: str, output: str, first_slice: int = 12, n_slices: int = 
     return str(save_volume(v, aff, output, dtype="int16"))
 
 
+def crop_sample(volume: str, output: str, start: Sequence[int], size: Sequence[int]) -> str:
+    """Build a committed demo sample as a crop of ``size`` voxels from ``start`` of a real volume (its grid and
+    world position kept; stored as int16)."""
+    img = load_volume(volume)
+    v = img.as_tensor()[0][tuple(slice(a, a + n) for a, n in zip(start, size))]
+    aff = np.asarray(img.affine).copy()
+    aff[:3, 3] = (np.asarray(img.affine) @ np.array([*start, 1.0]))[:3]
+    return str(save_volume(v, aff, output, dtype="int16"))
+
+
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"run": lambda *a, **k: run_demo(*a, **k) and None, "make_sample": make_sample})
+    fire.Fire({"run": lambda *a, **k: run_demo(*a, **k) and None, "make_sample": make_sample, "crop_sample": crop_sample})
