@@ -150,14 +150,16 @@ release-restoration: $(STAMP)
 	    $(if $(RES_INIT_MR),--init_weights $(RES_INIT_MR),--resume auto) >> $(R)/logs/restoration_mr.log 2>&1
 
 # The results table of the release on the validation volumes (classical baselines and the regression stage);
-# RESULTS_TASKS picks tasks (the super-resolution ones: RESULTS_TASKS=$(SR_TASKS)).
+# RESULTS_TASKS picks tasks (the super-resolution ones: RESULTS_TASKS=$(SR_TASKS)), RESULTS_DIR the folder under $(R).
 SR_TASKS := "['ct_sr_5to10mm','ct_sr_3to6mm','mr_sr_1to4mm']"
+DENOISE_TASKS := "['ct_lowdose_quarter','mr_rician4']"
+RESULTS_DIR := results
 RESULTS_TASKS := "['ct_sr_5to10mm','ct_sr_3to6mm','ct_lowdose_quarter','ct_blur_gaussian_1mm','mr_sr_1to4mm', \
 	'mr_kspace2','mr_rician4']"
 release-results: $(STAMP)
 	$(RUN) --config_file configs/results.json --datalist $(R)/datalist.json --ckpt_dir $(R)/models \
-	    --output_dir $(R)/results --methods "['classical','regression']" --tasks $(RESULTS_TASKS) \
-	    > $(R)/logs/results.log 2>&1
+	    --output_dir $(R)/$(RESULTS_DIR) --methods "['classical','regression']" --tasks $(RESULTS_TASKS) \
+	    > $(R)/logs/$(RESULTS_DIR).log 2>&1
 
 # 2.5D against 3D autoencoder at equal CPU time (AE_SECONDS each, same widths 16/32/64, same patches), both on the
 # release training volumes; then the autoencoder ceiling (plain, residual decoding, data consistency) on the
