@@ -25,6 +25,8 @@ def test_large_files_yml_is_in_model_zoo_format_and_hashes_match():
         assert set(entry) == KEYS, entry
         assert entry["url"].startswith("https://")
         assert digest(ROOT / entry["path"], entry["hash_type"]) == entry["hash_val"], entry["path"]
+    committed = {str(p.relative_to(ROOT)) for p in (ROOT / "models").glob("*.pt")}
+    assert committed == {e["path"] for e in entries}  # every shipped weight file is listed, and only those
 
 
 def write_bundle(root: Path, source: Path, hash_val: str) -> None:
