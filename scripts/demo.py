@@ -1,11 +1,12 @@
 """The quick-start demo: degrade small real CT and MR samples and restore them.
 
 Three tasks: through-plane super-resolution (5 mm -> 10 mm thick slices -> back to 5 mm) and quarter-dose
-denoising of the CT sample, and Rician-noise denoising of the MR sample (when one is given). The classical baselines always run (trilinear and cubic B-spline interpolation; Gaussian filtering and
-non-local means, each tuned as in ``scripts.baseline_report``). When ``ckpt_dir`` holds trained weights, the
-regression stage (``regression.pt`` for super-resolution, ``restoration_<modality>.pt`` for the same-grid tasks) and
-the main job's latent diffusion + ControlNet run as well (each when its weights are there);
-without any the demo says that it shows the *classical baseline* only. It prints the metrics and writes the
+denoising of the CT sample, and Rician-noise denoising of the MR sample (when one is given). The classical
+baselines always run (trilinear and cubic B-spline interpolation; Gaussian filtering and non-local means, each
+tuned as in ``scripts.baseline_report``). When ``ckpt_dir`` holds trained weights, the regression stage
+(``regression.pt`` for super-resolution, ``restoration_<modality>.pt`` for the same-grid tasks) and the main job's
+latent diffusion + ControlNet run as well (each when its weights are there); without any the demo says that it
+shows the *classical baseline* only. It prints the metrics and writes the
 degraded inputs, the restorations (NIfTI) and PNG montages (input, best classical method, regression, ours,
 reference).
 """
@@ -133,7 +134,9 @@ def run_demo(
             if v[0].shape != x.shape or not np.allclose(out_affine, affine, atol=1e-4):
                 raise RuntimeError(f"{task}: the enhanced grid {tuple(v[0].shape)} does not match the reference's")
             restored["ours"] = (v[0], time.perf_counter() - t0)
-        results = {m: {"volume": v, "seconds": sec, "metrics": score(v, x, modality)} for m, (v, sec) in restored.items()}
+        results = {
+            m: {"volume": v, "seconds": sec, "metrics": score(v, x, modality)} for m, (v, sec) in restored.items()
+        }
         classical = [m for m in results if m not in ("degraded input", "ours", "regression")]
         best = max(classical, key=lambda m: results[m]["metrics"]["psnr"])
         shown = resample(y, y_aff, spacing_of(affine), "trilinear")[0]  # y itself on the same grid
@@ -197,4 +200,6 @@ def crop_sample(volume: str, output: str, start: Sequence[int], size: Sequence[i
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"run": lambda *a, **k: run_demo(*a, **k) and None, "make_sample": make_sample, "crop_sample": crop_sample})
+    fire.Fire(
+        {"run": lambda *a, **k: run_demo(*a, **k) and None, "make_sample": make_sample, "crop_sample": crop_sample}
+    )

@@ -107,7 +107,7 @@ def validated_training(stage: str, ckpt, values, epochs: range, state: dict | No
                 **raw["validate"]["best_saver"],
                 "save_dir": str(ckpt),
                 "save_dict": {stage: "$torch.nn.Linear(1, 1)"},
-            }
+            },
         }
     )
     saver = parser.get_parsed_content("saver", lazy=False)
