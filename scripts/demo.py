@@ -23,7 +23,7 @@ import torch
 from monai.data import MetaTensor
 from scripts.baseline_report import degrade_for_task, restore_all
 from scripts.baselines import resample
-from scripts.enhance import enhance_volume
+from scripts.enhance import enhance_volume, output_dtype
 from scripts.figures import montage
 from scripts.metrics import score
 from scripts.options import flag
@@ -99,7 +99,7 @@ def run_demo(
                 f"{'task':<20} {'method':<18} {'PSNR dB':>8} {'SSIM':>7} {MAE_COLUMN[modality]:>12} {'seconds':>8}",
             ]
         y, y_aff = degrade_for_task(task, x, affine, seed)
-        dtype = "int16" if modality == "ct" else "float32"
+        dtype = output_dtype(modality)
         save_volume(y, y_aff, out / f"{task}_input.nii.gz", dtype=dtype)
         restored = restore_all(task, y, y_aff, spacing_of(affine))
         # the super-resolution specialist changes the grid; same-grid tasks need the modality's restoration network

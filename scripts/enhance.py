@@ -355,7 +355,8 @@ def data_consistency(output: torch.Tensor, observed: torch.Tensor) -> torch.Tens
     return (output.double() + residual).to(output.dtype)
 
 
-def _output_dtype(modality: str) -> str:
+def output_dtype(modality: str) -> str:
+    """How an enhanced volume is stored: integer HU for CT, float32 for MR."""
     return "int16" if modality == "ct" else "float32"
 
 
@@ -416,7 +417,7 @@ def enhance(
                 mean, affine, template, output_dicom, description=DICOM_DESCRIPTION, integer_values=modality == "ct"
             )
             outputs["dicom"] = str(output_dicom)
-        save_volume(mean, affine, output_image, dtype=_output_dtype(modality))
+        save_volume(mean, affine, output_image, dtype=output_dtype(modality))
         outputs["output"] = str(output_image)
         if std is not None:
             std_path = str(output_image).removesuffix(".gz").removesuffix(".nii") + "_std.nii.gz"
