@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format label-server demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-restoration release-results device-kit clean
+.PHONY: install lint format label-server demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-restoration release-restoration-ct release-restoration-mr release-results device-kit clean
 
 install: $(STAMP)
 
@@ -139,11 +139,14 @@ RES_INIT_CT :=
 RES_INIT_MR :=
 RES_ARGS = --datalist $(R)/lowdose/datalist.json --ckpt_dir $(R)/models --batch_size 2 --max_epochs 6 \
 	--epoch_length 150 --val_interval 1 --lr 0.0005 --max_seconds $(RES_SECONDS) --patience 4
-release-restoration: $(STAMP)
+release-restoration: release-restoration-mr release-restoration-ct
+release-restoration-ct: $(STAMP)
 	mkdir -p $(R)/logs
 	$(RUN) training --config_file "['configs/train_regression.json','configs/train_restoration.json']" \
 	    $(RES_ARGS) --output_dir $(R)/restoration_ct \
 	    $(if $(RES_INIT_CT),--init_weights $(RES_INIT_CT),--resume auto) >> $(R)/logs/restoration_ct.log 2>&1
+release-restoration-mr: $(STAMP)
+	mkdir -p $(R)/logs
 	$(RUN) training --config_file \
 	    "['configs/train_regression.json','configs/train_restoration.json','configs/train_restoration_mr.json']" \
 	    $(RES_ARGS) --output_dir $(R)/restoration_mr \
@@ -197,7 +200,7 @@ study-autoencoder-ceilings: $(STAMP)
 # and the next call goes on (the best model and the patience count survive the resume). Keep --ckpt_dir under
 # outputs/ (git-ignored: it stays on the machine between calls while it is warm; a full checkpoint is too large
 # to come back through $OUT, only the <stage>.pt weights, split under 16 MiB, and the logs). Every <stage>.pt of
-# configs/common.json is over 16 MiB (16.8 MB) in float32 (`python -m scripts.bench sizes`: autoencoder 21.0,
+# configs/inference.json is over 16 MiB (16.8 MB) in float32 (`python -m scripts.bench sizes`: autoencoder 21.0,
 # prior 41.2, ControlNet 17.4, regression 23.0 MB) and $OUT holds 64 MiB a call, so one network comes back per
 # call: there `sha256sum W.pt && split -b 15M W.pt $OUT/W.pt.part-`, here
 # `cat .../W.pt.part-* > models/W.pt && sha256sum models/W.pt` (the sums must match).

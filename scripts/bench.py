@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 SHAPE = (256, 256, 128)
+# the shipped networks' definitions (inference.json) and the training settings they share (common.json)
+DEFINITIONS = ("configs/common.json", "configs/inference.json")
 SPACING = (0.8, 0.8, 2.5)
 
 
@@ -58,15 +60,12 @@ def _case(name: str, queue: mp.Queue) -> None:
 
 
 def _autoencoder_cases() -> dict:
-    """The full-size autoencoder of configs/common.json: one training step on a patch and one decoded inference
+    """The full-size autoencoder of configs/inference.json: one training step on a patch and one decoded inference
     window."""
-    import json
-
     from monai.bundle import ConfigParser
     from scripts.autoencoder import decode_volume, downsample_factor
 
-    with open("configs/common.json") as f:
-        common = json.load(f)
+    common = definitions()
     parser = ConfigParser({"ae": common["autoencoder_def"]})
     ae = parser.get_parsed_content("ae")
     patch = common["patch_size"]
@@ -86,14 +85,12 @@ def _autoencoder_cases() -> dict:
 
 
 def windows_for(shape: tuple[int, ...] = (512, 512, 256)) -> str:
-    """How many decode windows a volume needs with the common config's window settings."""
-    import json
+    """How many decode windows a volume needs with the main job's window settings."""
     import math
 
     from scripts.autoencoder import _starts
 
-    with open("configs/common.json") as f:
-        common = json.load(f)
+    common = definitions()
     factor = 2 ** (len(common["autoencoder_def"]["channels"]) - 1)
     roi = [r // factor for r in common["sliding_window"]["roi_size"]]
     step = [max(1, int(r * (1 - common["sliding_window"]["overlap"]))) for r in roi]
@@ -102,6 +99,17 @@ def windows_for(shape: tuple[int, ...] = (512, 512, 256)) -> str:
         f"full-size autoencoder {common['autoencoder_def']['channels']}, patch {common['patch_size']}; "
         f"a {'x'.join(map(str, shape))} volume decodes in {n} latent windows of {roi}"
     )
+
+
+def definitions() -> dict:
+    """The raw (unparsed) entries of ``DEFINITIONS``, later files over earlier ones."""
+    import json
+
+    merged: dict = {}
+    for name in DEFINITIONS:
+        with open(name) as f:
+            merged.update(json.load(f))
+    return merged
 
 
 NAMES = [
@@ -173,7 +181,7 @@ def enhance_bench(steps: int = 1, config: str = "common", shape: tuple[int, int,
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = ConfigParser()
-    parser.read_config(["configs/common.json"] + ([] if config == "common" else [f"configs/{config}.json"]))
+    parser.read_config(list(DEFINITIONS) + ([] if config == "common" else [f"configs/{config}.json"]))
     torch.manual_seed(0)
     networks = {
         name: parser.get_parsed_content(f"{name}_def").to(device).eval()
@@ -221,15 +229,12 @@ def enhance_bench(steps: int = 1, config: str = "common", shape: tuple[int, int,
 
 def posterior_bench(shape: tuple[int, int, int] = (96, 96, 64), steps: int = 1) -> None:
     """Seconds and peak memory per posterior-sampling step (DPS and DMPS) with the full-size networks of
-    configs/common.json (random weights: cost, not quality) on a thick-slice input, one latent window."""
-    import json
-
+    configs/inference.json (random weights: cost, not quality) on a thick-slice input, one latent window."""
     from monai.bundle import ConfigParser
     from scripts.grid import fov_grid
     from scripts.posterior import forward_operator, posterior_sample
 
-    with open("configs/common.json") as f:
-        common = ConfigParser(json.load(f))
+    common = ConfigParser(definitions())
     ae, prior = common.get_parsed_content("autoencoder_def").eval(), common.get_parsed_content("diffusion_def").eval()
     scheduler = common.get_parsed_content("inference_scheduler_def")
     thick_affine = np.diag([1.0, 1.0, 2.0, 1.0])
@@ -259,7 +264,7 @@ def posterior_bench(shape: tuple[int, int, int] = (96, 96, 64), steps: int = 1) 
         print(f"{method:<6} {(time.perf_counter() - t0) / steps:9.1f} s/step  peak process memory {peak:.2f} GiB")
 
 
-def sizes(config_files: Sequence[str] = ("configs/common.json",)) -> None:
+def sizes(config_files: Sequence[str] = DEFINITIONS) -> None:
     """``python -m scripts.bench sizes``: parameters and float32 weight size of each network that ``models/``
     ships, built from ``config_files`` (later files override earlier ones, as in ``monai.bundle run``)."""
     from monai.bundle import ConfigParser
@@ -274,7 +279,7 @@ def sizes(config_files: Sequence[str] = ("configs/common.json",)) -> None:
     print(f"{'total':<12} {total / 1e6:7.2f} M parameters {4 * total / 1e6:7.1f} MB float32 (budget about 150 MB)")
 
 
-def engine_bench(repeats: int = 2, config_files: Sequence[str] = ("configs/common.json",)) -> None:
+def engine_bench(repeats: int = 2, config_files: Sequence[str] = DEFINITIONS) -> None:
     """``python -m scripts.bench engine``: one training iteration of each network of ``config_files`` (later files
     override earlier ones) on its training patch (batch 2, as 2 crops of one volume), float32 against bfloat16
     autocast + channels-last (``scripts.engine``), measured side by side in one process; the best of
@@ -318,7 +323,7 @@ def precision_check(
     datalist: str = "outputs/release/lowdose/datalist.json", iterations: int = 100, seed: int = 0
 ) -> None:
     """``python -m scripts.bench precision``: does bfloat16 hold back the regression peer's learning? The peer of
-    ``configs/common.json``, started as the identity (``identity_start``), trained ``iterations`` steps (batches of
+    ``configs/inference.json``, started as the identity (``identity_start``), trained ``iterations`` steps (batches of
     2) on 32 fixed training pairs of 96x96x32 from ``datalist`` (the release pairs), in bfloat16 + channels-last and
     in float32 from the same initialisation; validation L1 on 8 other pairs against the identity's."""
     import copy
@@ -358,7 +363,7 @@ def precision_check(
 
 def demo_bench(steps: int = 10) -> None:
     """``python -m scripts.bench demo``: wall time of the demo with ours included, as a user's ``make demo`` would
-    run it once ``models/`` holds trained weights: random weights of ``configs/common.json``'s networks in a
+    run it once ``models/`` holds trained weights: random weights of ``configs/inference.json``'s networks in a
     temporary ``ckpt_dir`` (speed does not depend on them), the whole ``monai.bundle run`` process timed."""
     import json
     import subprocess
@@ -368,8 +373,7 @@ def demo_bench(steps: int = 10) -> None:
 
     from monai.bundle import ConfigParser
 
-    common = ConfigParser()
-    common.read_config("configs/common.json")
+    common = ConfigParser(definitions())
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         for name in ("autoencoder", "diffusion", "controlnet"):

@@ -74,7 +74,7 @@ def test_metadata_follows_the_bundle_schema():
 
 
 META = ROOT / "configs" / "metadata.json"
-COMMON = ROOT / "configs" / "common.json"
+NETWORKS = ROOT / "configs" / "inference.json"  # the shipped networks' definitions
 
 
 def test_the_model_card_states_the_metadata_version():
@@ -108,7 +108,7 @@ def test_data_format_passes_verify_net_in_out(name, net_id):
     spec = data_format(name)
     extra = {"timesteps": torch.tensor([500])} if "timesteps" in spec["inputs"] else {}
     args = dict(
-        net_id=net_id, meta_file=str(META), config_file=str(COMMON), device="cpu", n=2, extra_forward_args=extra
+        net_id=net_id, meta_file=str(META), config_file=str(NETWORKS), device="cpu", n=2, extra_forward_args=extra
     )
     verify_net_in_out(**args, **{"_meta_#network_data_format": spec})
     spec["outputs"]["pred"]["num_channels"] += 1
@@ -118,11 +118,11 @@ def test_data_format_passes_verify_net_in_out(name, net_id):
 
 def test_autoencoder_and_controlnet_data_formats_match_the_networks():
     """``verify_net_in_out`` does not apply (AutoencoderKL and ControlNet return tuples), so every input and
-    output of their entries is checked here against the networks built from common.json."""
+    output of their entries is checked here against the networks built from inference.json."""
     import torch
     from monai.bundle import ConfigParser
 
-    common = ConfigParser(json.loads(COMMON.read_text()))
+    common = ConfigParser(json.loads(NETWORKS.read_text()))
     n = 2
     ae_spec = data_format("autoencoder")
     x = torch.rand(1, ae_spec["inputs"]["image"]["num_channels"], *spatial(ae_spec["inputs"]["image"], n))
@@ -153,10 +153,10 @@ def test_autoencoder_and_controlnet_data_formats_match_the_networks():
 
 
 def test_the_shipped_networks_fit_the_weight_budget():
-    """The networks of common.json are what models/ ships: together at most 150 MB of float32 weights."""
+    """The networks of inference.json are what models/ ships: together at most 150 MB of float32 weights."""
     from monai.bundle import ConfigParser
 
-    common = ConfigParser(json.loads(COMMON.read_text()))
+    common = ConfigParser(json.loads(NETWORKS.read_text()))
     sizes = {
         name: 4 * sum(p.numel() for p in common.get_parsed_content(f"{name}_def").parameters())
         for name in ("autoencoder", "diffusion", "controlnet", "regression")

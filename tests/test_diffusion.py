@@ -127,7 +127,7 @@ def test_prior_two_process_ddp_with_mlflow(latents, tmp_path):
 
 
 def test_prior_matches_the_autoencoder_latents():
-    for name in ("common.json", "tiny.json"):
+    for name in ("inference.json", "tiny.json"):
         cfg = json.loads((ROOT / "configs" / name).read_text())
         assert cfg["diffusion_def"]["in_channels"] == cfg["autoencoder_def"]["latent_channels"]
         assert cfg["diffusion_def"]["out_channels"] == cfg["autoencoder_def"]["latent_channels"]

@@ -38,7 +38,7 @@ def test_weights_stay_float32_and_outputs_are_float32():
 
 def _peer() -> torch.nn.Module:
     torch.manual_seed(0)
-    net = ConfigParser.load_config_file(ROOT / "configs" / "common.json")["regression_def"]
+    net = ConfigParser.load_config_file(ROOT / "configs" / "inference.json")["regression_def"]
     peer = ConfigParser({"net": net}).get_parsed_content("net").eval()
     weights = ROOT / "models" / "regression.pt"
     if weights.is_file():

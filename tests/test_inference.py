@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -199,6 +200,43 @@ def bundle(*args: str) -> subprocess.CompletedProcess:
     return monai_bundle("['configs/inference.json','configs/tiny.json']", *args)
 
 
+def test_main_job_runs_from_any_directory_as_the_zoo_runs_it(crops, weights, tmp_path):
+    """The model zoo runs a bundle from its own root: configs/inference.json names no file relative to the working
+    directory (everything comes from bundle_root), and MONAI's inference workflow finds every required property
+    (dataset, evaluator, inferer, network_def, ...). --dataset_dir is the folder of a relative --input_image."""
+    from monai.bundle import ConfigWorkflow
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(crops / "c.nii.gz", tmp_path / "c.nii.gz")
+    configs = str([str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "tiny.json")])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(ROOT)]
+    args = ["--dataset_dir", str(tmp_path), "--input_image", "c.nii.gz", "--output_image", str(tmp_path / "o.nii.gz")]
+    args += ["--ckpt_dir", str(weights), "--num_inference_steps", "1", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd + args, cwd=elsewhere, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert nib.load(tmp_path / "o.nii.gz").shape == nib.load(crops / "c.nii.gz").shape
+    assert not list(elsewhere.iterdir())  # nothing written to the working directory
+
+    cwd = os.getcwd()
+    os.chdir(elsewhere)
+    try:
+        workflow = ConfigWorkflow(
+            config_file=json.loads(configs.replace("'", '"')),
+            meta_file=str(ROOT / "configs" / "metadata.json"),
+            workflow_type="infer",
+            bundle_root=str(ROOT),
+            ckpt_dir=str(weights),
+            device="cpu",
+        )
+        workflow.initialize()
+        assert workflow.check_properties() == []
+        assert workflow.evaluator.data_loader.dataset[0]["input_image"] == ""  # no volume given: nothing runs
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.mark.parametrize("problem", ["missing_input", "bad_spacing", "missing_weights"])
 def test_bad_input_gives_a_clear_error_and_no_output(crops, weights, tmp_path, problem):
     ckpt = tmp_path / "models"
@@ -332,7 +370,7 @@ def test_strength_starts_from_the_noised_encoded_input_and_runs_only_the_last_st
     from monai.bundle import ConfigParser
     from scripts.enhance import sample_latent
 
-    scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
+    scheduler = ConfigParser(json.loads((ROOT / "configs" / "inference.json").read_text())).get_parsed_content(
         "inference_scheduler_def"
     )
     cond = torch.randn(1, 2, 8, 8, 4, generator=torch.Generator().manual_seed(1))
@@ -398,7 +436,7 @@ def test_sampling_with_an_oracle_denoiser_returns_the_clean_latent(roi, strength
     from monai.bundle import ConfigParser
     from scripts.enhance import sample_latent
 
-    scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
+    scheduler = ConfigParser(json.loads((ROOT / "configs" / "inference.json").read_text())).get_parsed_content(
         "inference_scheduler_def"
     )
     clean = torch.randn(1, 4, 16, 16, 8, generator=torch.Generator().manual_seed(0))
@@ -445,7 +483,7 @@ def test_residual_decoding_keeps_what_the_autoencoder_loses():
     from scripts.enhance import enhance_volume
     from tests.conftest import ct_phantom
 
-    common = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text()))
+    common = ConfigParser(json.loads((ROOT / "configs" / "inference.json").read_text()))
     tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
     torch.manual_seed(0)
     scheduler = common.get_parsed_content("inference_scheduler_def")

@@ -129,7 +129,7 @@ def test_guidance_makes_the_re_degraded_output_match_the_input(crops, models):
     ae.load_state_dict(torch.load(models / "autoencoder.pt", weights_only=True))
     prior = nets.get_parsed_content("diffusion_def")
     prior.load_state_dict(torch.load(models / "diffusion.pt", weights_only=True))
-    scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
+    scheduler = ConfigParser(json.loads((ROOT / "configs" / "inference.json").read_text())).get_parsed_content(
         "inference_scheduler_def"
     )
     misfit = {}
@@ -229,7 +229,7 @@ def test_posterior_sampling_from_a_start_runs_the_last_steps_from_its_latent(cro
     ae = ConfigParser(TINY).get_parsed_content("autoencoder_def")
     ae.load_state_dict(torch.load(models / "autoencoder.pt", weights_only=True))
     ae.eval()
-    scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
+    scheduler = ConfigParser(json.loads((ROOT / "configs" / "inference.json").read_text())).get_parsed_content(
         "inference_scheduler_def"
     )
     with torch.no_grad():

@@ -99,7 +99,7 @@ def test_regression_peer_learns_a_residual_over_its_input():
     """Every size of the peer (and the 3D UNet override) adds its body's output to the resampled input
     (VDSR-style residual learning): with that output at zero it returns the input unchanged, so training starts
     from interpolation, not from zero."""
-    for name in ("common.json", "small.json", "tiny.json", "regression_unet3d.json"):
+    for name in ("inference.json", "small.json", "tiny.json", "regression_unet3d.json"):
         net = ConfigParser.load_config_file(ROOT / "configs" / name)["regression_def"]
         peer = identity_start(ConfigParser({"net": net}).get_parsed_content("net")).eval()
         x = torch.randn(1, 1, 32, 32, 32)
