@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import torch
@@ -105,6 +107,24 @@ def test_regression_peer_learns_a_residual_over_its_input():
         x = torch.randn(1, 1, 32, 32, 32)
         with torch.no_grad():
             torch.testing.assert_close(peer(x), x, msg=name)
+
+
+def test_near_identity_start_gives_every_layer_a_gradient():
+    """``identity_start(net, 0.1)``, the restoration configs' start: the output stays within a small residual of
+    the input, and unlike the exact identity (a saddle) the first layer gets a gradient at the first step."""
+    net = ConfigParser.load_config_file(ROOT / "configs" / "tiny.json")["regression_def"]
+    x = torch.rand(1, 1, 16, 16, 8)
+    first_grads = {}
+    for scale in (0.0, 0.1):
+        torch.manual_seed(0)
+        peer = identity_start(ConfigParser({"net": net}).get_parsed_content("net"), scale)
+        out = peer(x)
+        assert (out - x).abs().max() < 0.1 * x.abs().max()
+        (out - 0.9 * x).pow(2).mean().backward()
+        first = [m for m in peer.modules() if isinstance(m, torch.nn.Conv2d)][0]
+        first_grads[scale] = float(first.weight.grad.abs().sum())
+    assert first_grads[0.0] == 0.0 and first_grads[0.1] > 0.0
+    assert json.loads((ROOT / "configs" / "train_restoration.json").read_text())["start_scale"] == 0.1
 
 
 def test_data_consistency_applies_to_the_regression_peer():
