@@ -88,7 +88,7 @@ def test_the_condition_reaches_the_controlnet_from_its_first_step():
     from scripts.diffusion import controlnet_from_prior
 
     tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
-    scheduler = ConfigParser(json.loads((ROOT / "configs" / "inference.json").read_text())).get_parsed_content(
+    scheduler = ConfigParser(json.loads((ROOT / "configs" / "common.json").read_text())).get_parsed_content(
         "scheduler_def"
     )
     inferer = ControlNetDiffusionInferer(scheduler)
