@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 SHAPE = (256, 256, 128)
+SPACING = (0.8, 0.8, 2.5)
 # the shipped networks' definitions (inference.json) and the training settings they share (common.json)
 DEFINITIONS = ("configs/common.json", "configs/inference.json")
-SPACING = (0.8, 0.8, 2.5)
 
 
 def _volume(shape: tuple[int, int, int] = SHAPE) -> torch.Tensor:

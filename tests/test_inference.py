@@ -209,8 +209,8 @@ def test_main_job_runs_from_any_directory_as_the_zoo_runs_it(crops, weights, tmp
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     shutil.copy(crops / "c.nii.gz", tmp_path / "c.nii.gz")
-    configs = str([str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "tiny.json")])
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(ROOT)]
+    files = [str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "tiny.json")]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root", str(ROOT)]
     args = ["--dataset_dir", str(tmp_path), "--input_image", "c.nii.gz", "--output_image", str(tmp_path / "o.nii.gz")]
     args += ["--ckpt_dir", str(weights), "--num_inference_steps", "1", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -223,7 +223,7 @@ def test_main_job_runs_from_any_directory_as_the_zoo_runs_it(crops, weights, tmp
     os.chdir(elsewhere)
     try:
         workflow = ConfigWorkflow(
-            config_file=json.loads(configs.replace("'", '"')),
+            config_file=files,
             meta_file=str(ROOT / "configs" / "metadata.json"),
             workflow_type="infer",
             bundle_root=str(ROOT),
