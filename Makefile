@@ -113,13 +113,13 @@ release-data: $(STAMP)
 	$(PY) -m scripts.lowdose_cache $(R)/datalist.json $(R)/lowdose --doses "[0.1,0.25,0.5]" --realizations 1 \
 	    > $(R)/logs/lowdose_cache.log 2>&1
 
-# The release regression stage (models/regression.pt): the 2.5D plane network (scripts.regression), the through-plane
+# The release regression stage (models/model.pt): the 2.5D plane network (scripts.regression), the through-plane
 # super-resolution specialist (thick-slice pairs only, MSE), bfloat16 on the CPU; each iteration 16 planes per axis
 # from 2 crops of each of 2 volumes, 150 iterations per epoch, cosine schedule over 7 epochs, validation (whole 3D
 # crops) every epoch, stopped by --patience or REG_SECONDS (resumable: run again to go on; the best model by
-# validation L1 is $(R)/models/regression.pt).
+# validation L1 is $(R)/models/model.pt).
 REG_SECONDS := 3000
-# on a fresh machine (no earlier checkpoint under $(R)/models): REG_INIT=models/regression.pt starts from the shipped weights
+# on a fresh machine (no earlier checkpoint under $(R)/models): REG_INIT=models/model.pt starts from the shipped weights
 REG_INIT :=
 release-regression: $(STAMP)
 	mkdir -p $(R)/logs

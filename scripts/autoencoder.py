@@ -273,9 +273,8 @@ def load_autoencoder_weights(
     MONAI Generative ``AutoencoderKL`` (renamed attention and upsampling layers), with ``weights_only=True``."""
     if not Path(path).is_file():
         raise MissingFileError(
-            f"{path}: no autoencoder weights (train stage 1, or point ckpt_dir at them; the "
-            "bundle ships only the regression stage so far: add configs/inference_regression.json "
-            "to the config list)"
+            f"{path}: no autoencoder weights (train stage 1, or point ckpt_dir at them; the bundle ships "
+            "only the regression stage so far, which the main job runs without configs/inference_diffusion.json)"
         )
     state = torch.load(path, map_location=map_location, weights_only=True)
     if "autoencoder" in state and isinstance(state["autoencoder"], dict):

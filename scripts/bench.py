@@ -376,8 +376,10 @@ def demo_bench(steps: int = 10) -> None:
     common = ConfigParser(definitions())
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
-        for name in ("autoencoder", "diffusion", "controlnet"):
-            torch.save(common.get_parsed_content(f"{name}_def").state_dict(), Path(d) / f"{name}.pt")
+        names = ("autoencoder", "diffusion", "controlnet", "restoration_ct", "restoration_mr")
+        weights = {"model.pt": "network_def", **{f"{n}.pt": f"{n}_def" for n in names}}
+        for file, net_id in weights.items():
+            torch.save(common.get_parsed_content(net_id).state_dict(), Path(d) / file)
         (Path(d) / "autoencoder_scale.json").write_text(json.dumps({"scale_factor": 1.0}))
         t0 = time.perf_counter()
         subprocess.run(

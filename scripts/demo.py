@@ -3,10 +3,10 @@
 Three tasks: through-plane super-resolution (5 mm -> 10 mm thick slices -> back to 5 mm) and quarter-dose
 denoising of the CT sample, and Rician-noise denoising of the MR sample (when one is given). The classical
 baselines always run (trilinear and cubic B-spline interpolation; Gaussian filtering and non-local means, each
-tuned as in ``scripts.baseline_report``). When ``ckpt_dir`` holds trained weights, the regression stage
-(``regression.pt`` for super-resolution, ``restoration_<modality>.pt`` for the same-grid tasks) and the main job's
-latent diffusion + ControlNet run as well (each when its weights are there); without any the demo says that it
-shows the *classical baseline* only. It prints the metrics and writes the
+tuned as in ``scripts.baseline_report``). When ``ckpt_dir`` holds trained weights, the main job's regression stage
+(``model.pt`` for super-resolution, ``restoration_<modality>.pt`` for the same-grid tasks) and its latent diffusion
++ ControlNet (``configs/inference_diffusion.json``) run as well (each when its weights are there); without any the
+demo says that it shows the *classical baseline* only. It prints the metrics and writes the
 degraded inputs, the restorations (NIfTI) and PNG montages (input, best classical method, regression, ours,
 reference).
 """
@@ -59,10 +59,10 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     cases = [(task, title, "ct", sample) for task, title in TASKS.items() if sample]
     cases += [(task, title, "mr", mr_sample) for task, title in MR_TASKS.items() if mr_sample]
-    networks = load_networks(network_configs, ckpt_dir, "cpu")
-    # the regression override right after the main config, so that later size overrides still apply
-    regression = load_networks(
-        [network_configs[0], "configs/inference_regression.json", *network_configs[1:]], ckpt_dir, "cpu"
+    regression = load_networks(network_configs, ckpt_dir, "cpu")
+    # the latent method's override right after the main config, so that later size overrides still apply
+    networks = load_networks(
+        [network_configs[0], "configs/inference_diffusion.json", *network_configs[1:]], ckpt_dir, "cpu"
     )
     report: dict[str, dict] = {}
     lines = [""]

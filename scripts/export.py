@@ -24,7 +24,7 @@ from scripts.diffusion import ControlledDenoiser
 from scripts.enhance import ROOT, inference_parser
 from scripts.errors import MissingFileError
 
-EXPORT_CONFIGS = ("configs/inference.json", "configs/export.json")
+EXPORT_CONFIGS = ("configs/inference.json", "configs/inference_diffusion.json", "configs/export.json")
 
 
 class _AutoencoderPart(torch.nn.Module):

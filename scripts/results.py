@@ -231,7 +231,9 @@ def run(
     if LATENT_METHODS & set(methods) == {"autoencoder ceiling"}:  # stage 1 alone: its weights suffice
         ours = load_networks(["configs/inference.json", *net_cfgs], ckpt_dir, device, ("autoencoder",))
     elif LATENT_METHODS & set(methods):
-        ours = load_networks(["configs/inference.json", *net_cfgs], ckpt_dir, device)
+        ours = load_networks(
+            ["configs/inference.json", "configs/inference_diffusion.json", *net_cfgs], ckpt_dir, device
+        )
     # posterior sampling: the prior and autoencoder of ``ours`` when loaded; without a ControlNet on their own
     if {"posterior", "posterior from the input"} & set(methods):
         posterior_nets = (
@@ -242,9 +244,7 @@ def run(
             )
         )
     if "regression" in methods:
-        regression = load_networks(
-            ["configs/inference.json", "configs/inference_regression.json", *net_cfgs], ckpt_dir, device
-        )
+        regression = load_networks(["configs/inference.json", *net_cfgs], ckpt_dir, device)
     if sliding_window is None:
         parser = inference_parser(["configs/inference.json", *net_cfgs], load_networks=False)
         sliding_window = parser.get_parsed_content("sliding_window")

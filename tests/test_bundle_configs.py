@@ -98,10 +98,10 @@ def check_tensor(t, spec: dict, n: int) -> None:
     assert t.shape[1:] == (spec["num_channels"], *spatial(spec, n)) and t.dtype == getattr(torch, spec["dtype"])
 
 
-@pytest.mark.parametrize("name,net_id", [("network", "network_def"), ("regression", "regression_def")])
+@pytest.mark.parametrize("name,net_id", [("network", "network_def"), ("diffusion", "diffusion_def")])
 def test_data_format_passes_verify_net_in_out(name, net_id):
-    """MONAI's own check for the networks with one tensor out: the diffusion UNet (network_def, with its
-    timesteps argument) and the regression peer; a wrong channel count in the entry makes it fail."""
+    """MONAI's own check for the networks with one tensor out: the regression stage (network_def) and the diffusion
+    UNet (with its timesteps argument); a wrong channel count in the entry makes it fail."""
     import torch
     from monai.bundle import verify_net_in_out
 
@@ -149,7 +149,7 @@ def test_autoencoder_and_controlnet_data_formats_match_the_networks():
         pred = common.get_parsed_content("diffusion_def").eval()(
             latent, torch.tensor([500]), down_block_additional_residuals=down, mid_block_additional_residual=mid
         )
-    check_tensor(pred, data_format("network")["outputs"]["pred"], n)
+    check_tensor(pred, data_format("diffusion")["outputs"]["pred"], n)
 
 
 def test_the_shipped_networks_fit_the_weight_budget():

@@ -51,7 +51,7 @@ def test_demo_runs_the_regression_stage_on_super_resolution_when_only_its_weight
     ckpt = tmp_path / "models"
     ckpt.mkdir()
     tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
-    torch.save(tiny.get_parsed_content("regression_def").state_dict(), ckpt / "regression.pt")
+    torch.save(tiny.get_parsed_content("regression_def").state_dict(), ckpt / "model.pt")
     out = tmp_path / "demo"
     report = run_demo(
         str(crops / "c.nii.gz"), str(out), ckpt_dir=str(ckpt), network_configs=TINY, sliding_window=WINDOW

@@ -40,7 +40,7 @@ def _peer() -> torch.nn.Module:
     torch.manual_seed(0)
     net = ConfigParser.load_config_file(ROOT / "configs" / "inference.json")["regression_def"]
     peer = ConfigParser({"net": net}).get_parsed_content("net").eval()
-    weights = ROOT / "models" / "regression.pt"
+    weights = ROOT / "models" / "model.pt"
     if weights.is_file():
         peer.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     else:  # untrained: scale the last layer so that the correction is tens of HU, as a trained one's

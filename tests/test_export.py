@@ -76,12 +76,9 @@ def test_ckpt_export_of_the_autoencoder_halves_and_the_regression_peer(weights, 
 
     torch.manual_seed(0)
     reg = ConfigParser(json.loads(Path(TINY).read_text())).get_parsed_content("regression_def").eval()
-    torch.save(reg.state_dict(), tmp_path / "regression.pt")
+    torch.save(reg.state_dict(), tmp_path / "model.pt")
     ts = export(
-        "regression_def",
-        ["inference.json", "inference_regression.json"],
-        tmp_path / "regression.pt",
-        tmp_path / "regression.ts",
+        "regression_def", ["inference.json"], tmp_path / "model.pt", tmp_path / "regression.ts"
     )  # scripted, not traced
     assert isinstance(ts, torch.jit.RecursiveScriptModule)
     x = torch.rand(1, 1, 32, 32, 32)
@@ -114,8 +111,13 @@ def test_traced_denoiser_matches_and_the_main_job_runs_from_exported_files(crops
 
     outs = {}
     for name, configs, ckpt in (
-        ("eager", "['configs/inference.json','configs/tiny.json']", weights),
-        ("exported", "['configs/inference.json','configs/tiny.json'," "'configs/inference_exported.json']", exported),
+        ("eager", "['configs/inference.json','configs/inference_diffusion.json','configs/tiny.json']", weights),
+        (
+            "exported",
+            "['configs/inference.json','configs/inference_diffusion.json','configs/tiny.json',"
+            "'configs/inference_exported.json']",
+            exported,
+        ),
     ):
         outs[name] = tmp_path / f"{name}.nii.gz"
         res = subprocess.run(

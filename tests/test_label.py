@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 
 pytest.importorskip("monailabel", reason="install requirements-label.txt (make does)")
+LATENT = ("configs/inference.json", "configs/inference_diffusion.json", "configs/tiny.json")  # tiny latent chain
 
 
 def test_infer_task_enhances_the_opened_image(crops, weights, tmp_path):
     from monailabel.interfaces.tasks.infer_v2 import InferTask
     from scripts.label_app.task import EnhanceTask
 
-    task = EnhanceTask(
-        ckpt_dir=str(weights), config_files=("configs/inference.json", "configs/tiny.json"), device="cpu"
-    )
+    task = EnhanceTask(ckpt_dir=str(weights), config_files=LATENT, device="cpu")
     assert isinstance(task, InferTask) and task.is_valid()
     assert task.info()["type"] == "others" and task.info()["dimension"] == 3
     src = tmp_path / "opened.nii.gz"
@@ -42,9 +41,7 @@ def test_infer_task_answers_bad_input_with_a_422_and_the_reason(crops, weights, 
     from fastapi import HTTPException
     from scripts.label_app.task import EnhanceTask
 
-    task = EnhanceTask(
-        ckpt_dir=str(weights), config_files=("configs/inference.json", "configs/tiny.json"), device="cpu"
-    )
+    task = EnhanceTask(ckpt_dir=str(weights), config_files=LATENT, device="cpu")
     request = {"image": str(crops / "c.nii.gz"), "target_spacing": "1,0,2", "num_inference_steps": 1}
     if problem == "missing_image":
         request.update(image=str(tmp_path / "gone.nii.gz"), target_spacing="")
@@ -63,7 +60,9 @@ def test_infer_task_with_weights_of_another_width_is_invalid_and_says_why(weight
     from fastapi import HTTPException
     from scripts.label_app.task import EnhanceTask
 
-    task = EnhanceTask(ckpt_dir=str(weights), config_files=("configs/inference.json",), device="cpu")
+    task = EnhanceTask(
+        ckpt_dir=str(weights), config_files=("configs/inference.json", "configs/inference_diffusion.json"), device="cpu"
+    )
     with caplog.at_level("ERROR"):
         assert not task.is_valid()
     assert "do not fit" in caplog.text

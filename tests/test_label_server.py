@@ -103,16 +103,16 @@ def _stop(server: subprocess.Popen) -> None:
 
 @pytest.mark.parametrize("method", ["diffusion", "regression", "no weights"])
 def test_a_live_server_enhances_the_opened_image(crops, weights, tmp_path, method):
-    """The main job's latent chain (tiny weights), the regression stage (``--conf network_configs
-    configs/inference_regression.json,...``, the shipped kind of weights), and a task without weights."""
+    """The main job's latent chain (tiny weights, ``--conf network_configs configs/inference_diffusion.json,...``),
+    its default regression stage (the shipped kind of weights), and a task without weights."""
     studies = tmp_path / "studies"
     studies.mkdir()
     shutil.copy(crops / "c.nii.gz", studies / "c.nii.gz")
-    ckpt, configs, with_weights = weights, "configs/tiny.json", method != "no weights"
+    ckpt, configs, with_weights = weights, "configs/inference_diffusion.json,configs/tiny.json", method != "no weights"
     if method == "regression":
-        ckpt, configs = tmp_path / "models", "configs/inference_regression.json,configs/tiny.json"
+        ckpt, configs = tmp_path / "models", "configs/tiny.json"
         ckpt.mkdir()
-        torch.save(ConfigParser(TINY).get_parsed_content("regression_def").state_dict(), ckpt / "regression.pt")
+        torch.save(ConfigParser(TINY).get_parsed_content("regression_def").state_dict(), ckpt / "model.pt")
     elif not with_weights:
         ckpt = tmp_path / "no_weights"
     port, log = _free_port(), tmp_path / "server.log"

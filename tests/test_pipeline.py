@@ -50,7 +50,7 @@ def test_three_stages_then_enhance(crops, trained, tmp_path):
         assert (ckpt / name).is_file(), name
 
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / c) for c in ("inference.json", "tiny.json")])
+    parser.read_config([str(ROOT / "configs" / c) for c in ("inference.json", "inference_diffusion.json", "tiny.json")])
     parser.update({"ckpt_dir": str(ckpt), "device": "cpu"})
     cwd = os.getcwd()
     os.chdir(ROOT)

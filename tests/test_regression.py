@@ -24,12 +24,12 @@ def test_regression_peer_trains_and_enhances(crops, tmp_path):
         max_epochs=2,
     )
     assert parser.get_parsed_content("train#trainer").state.iteration == 12
-    assert set(torch.load(ckpt / "regression.pt", weights_only=True)) == set(
+    assert set(torch.load(ckpt / "model.pt", weights_only=True)) == set(
         parser.get_parsed_content("regression").state_dict()
     )
     out = tmp_path / "reg.nii.gz"
     res = monai_bundle(
-        "['configs/inference.json','configs/inference_regression.json','configs/tiny.json']",
+        "['configs/inference.json','configs/tiny.json']",
         "--input_image",
         str(crops / "c.nii.gz"),
         "--output_image",
@@ -94,7 +94,7 @@ def test_same_grid_volumes_go_to_the_restoration_network():
 def test_regression_training_with_mlflow(crops, tmp_path):
     run, artifacts = tracked_training("train_regression.json", crops, tmp_path)
     assert {"train_loss", "val_l1"} <= set(run.data.metrics) and run.data.params["max_epochs"] == "1"
-    assert {"regression_checkpoint_final.pt", "regression.pt"} <= artifacts
+    assert {"regression_checkpoint_final.pt", "model.pt"} <= artifacts
 
 
 def test_regression_peer_learns_a_residual_over_its_input():

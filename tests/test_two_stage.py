@@ -22,7 +22,7 @@ def _with_regression(weights, tmp_path):
     shutil.copytree(weights, ckpt)
     tiny = ConfigParser(json.loads((ROOT / "configs" / "tiny.json").read_text()))
     torch.manual_seed(3)
-    torch.save(tiny.get_parsed_content("regression_def").state_dict(), ckpt / "regression.pt")
+    torch.save(tiny.get_parsed_content("regression_def").state_dict(), ckpt / "model.pt")
     return ckpt
 
 
@@ -60,7 +60,7 @@ def test_the_chain_conditions_on_the_regression_output(weights, tmp_path):
     a sampler that change nothing return the regression output itself (here the input plus a constant)."""
     ckpt = _with_regression(weights, tmp_path)
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "tiny.json")])
+    parser.read_config([str(ROOT / "configs" / c) for c in ("inference.json", "inference_diffusion.json", "tiny.json")])
     parser.update({"bundle_root": str(ROOT), "ckpt_dir": str(ckpt), "device": "cpu", "two_stage": True})
     cwd = os.getcwd()
     os.chdir(ROOT)
@@ -110,7 +110,7 @@ def test_controlnet_pairs_are_regression_output_and_reference():
 def test_controlnet_trains_two_stage_with_the_frozen_regression_network(crops, weights, tmp_path):
     ckpt = _with_regression(weights, tmp_path)
     (ckpt / "controlnet.pt").unlink()
-    before = torch.load(ckpt / "regression.pt", weights_only=True)
+    before = torch.load(ckpt / "model.pt", weights_only=True)
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / "train_controlnet.json"), str(ROOT / "configs" / "tiny.json")])
     parser.update(

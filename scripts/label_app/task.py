@@ -36,7 +36,7 @@ class EnhanceTask(InferTask):
             type=InferType.OTHERS,
             labels=None,
             dimension=3,
-            description="Latent-diffusion enhancement (denoising, through-plane super-resolution)",
+            description="CT/MR enhancement (denoising, through-plane super-resolution)",
             config={"target_spacing": "", "modality": "", "num_inference_steps": 20, "seed": 0},
         )
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else ROOT / "models"
@@ -62,7 +62,7 @@ class EnhanceTask(InferTask):
             self._parser = inference_parser(self.config_files, **overrides)
         p = self._parser  # parsed content is cached by the parser: the networks load once
         options = {
-            "method": str(p["method"]),  # the main job's defaults (configs/inference_regression.json: regression)
+            "method": str(p["method"]),  # the main job's (regression; configs/inference_diffusion.json: latent)
             "strength": float(p["strength"]),
             "residual_decoding": flag(p["residual_decoding"], "residual_decoding"),
             "consistency": flag(p["data_consistency"], "data_consistency"),
