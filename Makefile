@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format label-server demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-restoration release-restoration-ct release-restoration-mr release-results device-kit clean
+.PHONY: install lint format label-server demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-restoration release-restoration-ct release-restoration-mr release-results stress-ddp device-kit clean
 
 install: $(STAMP)
 
@@ -214,6 +214,21 @@ device-kit: $(STAMP)
 	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	    -d .whl $(DEVICE_WHEELS)
 	$(PY) -m scripts.datalist regions ../shared/data .data/regions
+
+# Every multi-process (torchrun, gloo) test STRESS_RUNS times in a row with a niced busy loop beside it; a run's
+# log is outputs/stress/run_N.log, the tally outputs/stress/summary.log; exits non-zero if any run failed.
+STRESS_RUNS := 10
+DDP_TESTS := tests/test_autoencoder.py::test_two_process_ddp_run_on_gloo \
+	tests/test_controlnet.py::test_controlnet_two_process_ddp_with_mlflow \
+	tests/test_diffusion.py::test_prior_two_process_ddp_with_mlflow \
+	tests/test_inference.py::test_batch_inference_shards_across_processes
+stress-ddp: $(STAMP)
+	mkdir -p outputs/stress
+	nice -n 19 $(PY) -c "while True: pass" & load=$$!; fails=0; \
+	for i in $$(seq 1 $(STRESS_RUNS)); do \
+	    $(PY) -m pytest -q -p no:cacheprovider $(DDP_TESTS) > outputs/stress/run_$$i.log 2>&1 || fails=$$((fails + 1)); \
+	    echo "run $$i: $$(tail -1 outputs/stress/run_$$i.log)" | tee -a outputs/stress/summary.log; \
+	done; kill $$load; echo "$$fails of $(STRESS_RUNS) runs failed" | tee -a outputs/stress/summary.log; [ $$fails -eq 0 ]
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
