@@ -95,6 +95,11 @@ class Scripted(Metric):
 LOWER_IS_BETTER = {"autoencoder": False, "diffusion": True, "controlnet": True, "regression": True}
 
 
+def naming(raw: dict) -> dict:
+    """The config keys that the best-model file name is made of."""
+    return {k: raw[k] for k in ("name", "weights_file") if k in raw}
+
+
 def validated_training(stage: str, ckpt, values, epochs: range, state: dict | None = None, patience: int = 0):
     """Train for ``epochs`` (a plain engine whose "network" weight is the epoch number), validating every epoch
     with a MONAI evaluator whose key metric yields ``values`` and the stage config's best-model saver; as after a
@@ -102,7 +107,7 @@ def validated_training(stage: str, ckpt, values, epochs: range, state: dict | No
     raw = json.loads((ROOT / "configs" / f"train_{stage}.json").read_text())
     parser = ConfigParser(
         {
-            "name": raw.get("name"),
+            **naming(raw),
             "saver": {
                 **raw["validate"]["best_saver"],
                 "save_dir": str(ckpt),
@@ -137,9 +142,9 @@ def test_the_best_model_survives_a_resume_and_patience_stops_training(stage, tmp
     declared = raw["validate"]["evaluator"].get("metric_cmp_fn")
     if declared:  # the evaluator's own notion of "better" agrees with the saver's
         assert ConfigParser({"f": declared}).get_parsed_content("f")(0.1, 0.2) == LOWER_IS_BETTER[stage]
-    filename = {"name": raw.get("name"), "f": raw["validate"]["best_saver"]["key_metric_filename"]}
+    filename = {**naming(raw), "f": raw["validate"]["best_saver"]["key_metric_filename"]}
     best_file = tmp_path / ConfigParser(filename).get_parsed_content("f")
-    assert best_file.name == f"{stage}.pt"
+    assert best_file.name == ("model.pt" if stage == "regression" else f"{stage}.pt")  # the zoo's name for network_def
 
     def best_epoch() -> int:
         return int(torch.load(best_file, weights_only=True)["weight"].item())
