@@ -18,6 +18,8 @@ from monai.bundle import ConfigParser
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SAMPLE = ROOT / "docs" / "samples" / "lung1_crop.nii.gz"
+# the latent chain with tiny networks (the main job's default is the regression stage)
+LATENT = ["configs/inference.json", "configs/inference_diffusion.json", "configs/tiny.json"]
 sys.path.insert(0, str(ROOT))
 
 

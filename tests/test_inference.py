@@ -16,10 +16,7 @@ import pytest
 import torch
 from scripts.enhance import depth_to_space, inference_parser, run, space_to_depth
 from scripts.grid import fov_grid
-from tests.conftest import ROOT, assert_user_error, monai_bundle, torchrun
-
-# the latent chain with tiny networks (the main job's default is the regression stage)
-LATENT = ["configs/inference.json", "configs/inference_diffusion.json", "configs/tiny.json"]
+from tests.conftest import LATENT, ROOT, assert_user_error, monai_bundle, torchrun
 
 
 def networks(ckpt: Path) -> dict:

@@ -9,9 +9,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from tests.conftest import LATENT
 
 pytest.importorskip("monailabel", reason="install requirements-label.txt (make does)")
-LATENT = ("configs/inference.json", "configs/inference_diffusion.json", "configs/tiny.json")  # tiny latent chain
 
 
 def test_infer_task_enhances_the_opened_image(crops, weights, tmp_path):
