@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format label-server demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-restoration release-restoration-ct release-restoration-mr release-results stress-ddp device-kit clean
+.PHONY: install install-bm4d lint format label-server demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-restoration release-restoration-ct release-restoration-mr release-restoration-mr-kspace release-results stress-ddp device-kit clean
 
 install: $(STAMP)
 
@@ -14,6 +14,11 @@ $(STAMP): requirements.txt requirements-label.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-label.txt
 	touch $(STAMP)
+
+# BM4D, an optional classical baseline (requirements-baselines.txt; non-commercial licence): adds its rows to the
+# baseline and results tables.
+install-bm4d: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps -r requirements-baselines.txt
 
 # The MONAI model zoo's lint settings (.ci/lint: copies of the zoo's setup.cfg and pyproject.toml) on scripts/ and
 # tests/; `make format` applies isort and black.
@@ -155,6 +160,15 @@ release-restoration-mr: $(STAMP)
 	    "['configs/train_regression.json','configs/train_restoration.json','configs/train_restoration_mr.json']" \
 	    $(RES_ARGS) --output_dir $(R)/restoration_mr \
 	    $(if $(RES_INIT_MR),--init_weights $(RES_INIT_MR),--resume auto) >> $(R)/logs/restoration_mr.log 2>&1
+# MR k-space truncation (models/restoration_mr_kspace.pt, the main job's --degradation kspace): the same network on
+# in-plane k-space truncation pairs (factors 1-3), from its near-identity start.
+RES_INIT_MR_KSPACE :=
+release-restoration-mr-kspace: $(STAMP)
+	mkdir -p $(R)/logs
+	$(RUN) training --config_file "['configs/train_regression.json','configs/train_restoration.json', \
+	    'configs/train_restoration_mr_kspace.json']" $(RES_ARGS) --output_dir $(R)/restoration_mr_kspace \
+	    $(if $(RES_INIT_MR_KSPACE),--init_weights $(RES_INIT_MR_KSPACE),--resume auto) \
+	    >> $(R)/logs/restoration_mr_kspace.log 2>&1
 
 # The results table of the release on the validation volumes (classical baselines and the regression stage);
 # RESULTS_TASKS picks tasks (the super-resolution ones: RESULTS_TASKS=$(SR_TASKS)), RESULTS_DIR the folder under $(R).

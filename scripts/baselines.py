@@ -1,7 +1,12 @@
-"""Classical baselines a user would reach for instead of a network: interpolation and denoising filters."""
+"""Classical baselines a user would reach for instead of a network: interpolation and denoising filters.
+
+BM4D comes from the optional ``bm4d`` package (``make install-bm4d``, requirements-baselines.txt): free for
+non-commercial use only, so the bundle never depends on it; without it the BM4D rows are left out.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,13 +64,31 @@ def nlm_denoise(
     flat = vol.reshape(-1, *vol.shape[-3:])
     out = np.empty_like(flat)
     for c, v in enumerate(flat):
-        s = (
-            float(sigma)
-            if sigma is not None
-            else float(np.median([estimate_sigma(v[..., k]) for k in range(0, v.shape[-1], max(1, v.shape[-1] // 8))]))
-        )
+        s = float(sigma) if sigma is not None else noise_sigma(v)
         for k in range(v.shape[-1]):
             out[c, ..., k] = denoise_nl_means(
                 v[..., k], h=h_factor * s, sigma=s, patch_size=patch_size, patch_distance=patch_distance, fast_mode=True
             )
+    return torch.as_tensor(out.reshape(vol.shape), dtype=x.dtype, device=x.device)
+
+
+def noise_sigma(v: np.ndarray) -> float:
+    """The noise standard deviation of a 3D volume: the median of the wavelet-MAD estimates
+    (``estimate_sigma``) of eight of its slices along the last axis."""
+    return float(np.median([estimate_sigma(v[..., k]) for k in range(0, v.shape[-1], max(1, v.shape[-1] // 8))]))
+
+
+def bm4d_available() -> bool:
+    """Whether the optional ``bm4d`` package is installed."""
+    return importlib.util.find_spec("bm4d") is not None
+
+
+def bm4d_denoise(x: torch.Tensor, sigma_factor: float = 1.0, sigma: float | None = None) -> torch.Tensor:
+    """BM4D (both stages, its default profile) on the whole volume with a white-noise model of standard deviation
+    ``sigma_factor * sigma``; ``sigma`` is estimated from the data as for NLM (``noise_sigma``) when not given."""
+    import bm4d
+
+    vol = x.detach().cpu().double().numpy()
+    flat = vol.reshape(-1, *vol.shape[-3:])
+    out = np.stack([bm4d.bm4d(v, sigma_factor * (sigma if sigma is not None else noise_sigma(v))) for v in flat])
     return torch.as_tensor(out.reshape(vol.shape), dtype=x.dtype, device=x.device)

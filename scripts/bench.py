@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scripts.baselines import bm4d_available
 
 SHAPE = (256, 256, 128)
 SPACING = (0.8, 0.8, 2.5)
@@ -31,7 +32,7 @@ def _volume(shape: tuple[int, int, int] = SHAPE) -> torch.Tensor:
 
 
 def _case(name: str, queue: mp.Queue) -> None:
-    from scripts.baselines import gaussian_denoise, nlm_denoise, resample
+    from scripts.baselines import bm4d_denoise, gaussian_denoise, nlm_denoise, resample
     from scripts.degradations import blur, kspace_truncate, lowdose_ct, rician_noise, thick_slice, thick_slice_affine
 
     torch.set_num_threads(torch.get_num_threads())
@@ -49,6 +50,7 @@ def _case(name: str, queue: mp.Queue) -> None:
         "SR bspline 5->2.5 mm": lambda: resample(thick, thick_aff, SPACING, "bspline"),
         "denoise gaussian 0.8 mm": lambda: gaussian_denoise(x, affine, 0.8),
         "denoise nlm (2D slices)": lambda: nlm_denoise(x),
+        "denoise bm4d (optional package)": lambda: bm4d_denoise(x),
     }
     cases.update(_autoencoder_cases())
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -122,6 +124,7 @@ NAMES = [
     "SR bspline 5->2.5 mm",
     "denoise gaussian 0.8 mm",
     "denoise nlm (2D slices)",
+    *(["denoise bm4d (optional package)"] if bm4d_available() else []),
     "AE train step (1 patch)",
     "AE decode 1 latent window",
 ]

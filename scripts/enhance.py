@@ -51,6 +51,9 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 DICOM_DESCRIPTION = "enhanced by latent diffusion (research use only)"
+# what a same-grid input suffers from (``--degradation``): random noise, or in-plane k-space truncation (MR
+# acquired at a lower matrix and zero-filled to the grid); each has its own restoration network
+DEGRADATIONS = ("noise", "kspace")
 
 
 def inference_parser(config_files: Sequence[str], load_networks: bool = True, **overrides) -> ConfigParser:
@@ -191,6 +194,7 @@ def enhance_volume(
     strength: float = 1.0,
     residual_decoding: bool = False,
     amp: bool = False,
+    degradation: str = "noise",
 ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, str]:
     """Enhance a loaded ``(1, X, Y, Z)`` MetaTensor; return the mean, the std map (``num_samples > 1``), the
     output affine and the modality used. Values are in the input's units.
@@ -210,6 +214,8 @@ def enhance_volume(
     reproduce is taken from the input rather than lost (one more windowed decode per volume).
     ``amp=True`` runs the networks under ``scripts.engine``'s autocast (float16 on CUDA, bfloat16 with channels-last
     on a CPU); intensities, latents and the returned volume stay float32.
+    ``degradation`` names what a same-grid input suffers from (``DEGRADATIONS``), which picks the restoration
+    network: the modality's denoiser for ``noise``, its ``<modality>_kspace`` network for ``kspace``.
     """
     device = torch.device(device)
     sw = {"roi_size": [256, 256, 32], "overlap": 0.25, "sampling_overlap": 0.5, **(sliding_window or {})}
@@ -220,7 +226,9 @@ def enhance_volume(
     modality = resolve_modality(image, modality)
     spacing = target_spacing_of(image, target_spacing)
     same_grid = bool(np.allclose(spacing, spacing_of(image.affine)))
-    peer = regression_for(networks, same_grid, modality)
+    # stage A: the regression method's network, or the two-stage chain's (the one-stage latent chain has none)
+    two_stage = method == "diffusion" and networks.get("regression") is not None
+    peer = regression_for(networks, same_grid, modality, degradation) if method == "regression" or two_stage else None
     if same_grid:
         condition, affine = image.as_tensor().float(), np.asarray(image.affine)
     else:
@@ -286,14 +294,33 @@ def enhance_volume(
     return stack.mean(0), std, affine, modality
 
 
-def regression_for(networks: dict, same_grid: bool, modality: str) -> torch.nn.Module | None:
+def regression_for(
+    networks: dict, same_grid: bool, modality: str, degradation: str = "noise"
+) -> torch.nn.Module | None:
     """The regression network for a volume: the same-grid restoration specialist (``networks['restoration']``, a
-    network or one per modality: denoising, deblurring) when the grid does not change and it is given, else
-    ``networks['regression']`` (the super-resolution specialist, which also serves same-grid volumes when no
-    restoration network is given)."""
+    network or one per modality and degradation: ``ct``, ``mr`` for noise, ``mr_kspace``) when the grid does not
+    change and it is given, else ``networks['regression']`` (the super-resolution specialist, which also serves
+    same-grid noisy volumes when no denoiser is given). A degradation other than noise needs its own network and
+    the input's grid."""
+    if degradation not in DEGRADATIONS:
+        raise InputError(f"--degradation: must be one of {', '.join(DEGRADATIONS)}, got {degradation!r}")
+    key = modality if degradation == "noise" else f"{modality}_{degradation}"
     restoration = networks.get("restoration")
     if isinstance(restoration, dict):
-        restoration = restoration.get(modality)
+        restoration = restoration.get(key)
+    elif degradation != "noise":
+        restoration = None
+    if degradation != "noise":
+        if not same_grid:
+            raise InputError(
+                f"--degradation {degradation}: restores a volume on its own grid; drop --target_spacing (thick "
+                "slices are the super-resolution network's) or use --degradation noise"
+            )
+        if restoration is None:
+            raise InputError(
+                f"--degradation {degradation}: no {modality.upper()} network for it (restoration_{key}.pt in "
+                "ckpt_dir)"
+            )
     if same_grid and restoration is not None:
         return restoration
     return networks.get("regression")
@@ -384,6 +411,7 @@ def enhance(
     strength: float = 1.0,
     residual_decoding: bool = False,
     amp: bool = False,
+    degradation: str = "noise",
 ) -> dict:
     """Enhance one file or DICOM series into ``output_image`` (NIfTI, atomic), plus ``*_std.nii.gz`` when
     ``num_samples > 1`` and a derived DICOM series in the folder ``output_dicom`` when given (patient and study
@@ -412,6 +440,7 @@ def enhance(
         strength=strength,
         residual_decoding=residual_decoding,
         amp=amp,
+        degradation=degradation,
     )
     outputs = {}
     try:

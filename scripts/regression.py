@@ -1,12 +1,15 @@
-"""The regression stage as a 2.5D network: a plain residual 2D CNN over the two planes that hold the slice axis.
+"""The regression stage as a 2.5D network: a plain residual 2D CNN over the planes of a volume.
 
 A 3D residual UNet trained here for 77 minutes stayed at its identity start (docs, "Release run 0.12.0"): full 3D
 convolutions are too slow on two CPU cores to see enough data. ``PlaneResidualNet`` runs one 2D CNN (VDSR-style:
 3x3 convolutions and ReLUs, no normalisation, a global residual) on x-z planes and on y-z planes, with ``context``
 neighbouring planes as extra input channels, and averages the two residuals. Every plane holds the slice axis
 (thick slices, through-plane blur) and one in-plane axis; the neighbours give it the other in-plane axis locally
-(k-space ringing, blur, noise). Training feeds it planes cut from the 3D training pairs (``plane_pairs``), which costs
-a tenth of a 3D step per supervised voxel; a volume goes through ``forward`` as a whole.
+(k-space ringing, blur, noise). With ``axial=True`` a second CNN of the same shape does the same on x-y planes,
+with neighbouring slices as channels, and the three residuals are averaged: the denoisers' setting, where the
+in-plane grid is the finest and low-dose CT noise is correlated within a slice (its streaks). Training feeds it
+planes cut from the 3D training pairs (``plane_pairs``), which costs a tenth of a 3D step per supervised voxel; a
+volume goes through ``forward`` as a whole.
 """
 
 from __future__ import annotations
@@ -16,61 +19,92 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["PlaneResidualNet", "plane_pairs", "prepare_batch"]
+__all__ = ["PlaneResidualNet", "axial_windows", "plane_pairs", "prepare_batch"]
+
+
+def _plain_cnn(in_channels: int, channels: int, layers: int) -> nn.Sequential:
+    """``layers`` 3x3 convolutions with ReLUs between them, He-initialised, one output channel."""
+    body: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+    for _ in range(layers - 2):
+        body += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+    body.append(nn.Conv2d(channels, 1, 3, padding=1))
+    for conv in body[:-1:2]:  # He initialisation: PyTorch's default shrinks a plain ReLU stack layer by layer
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+    return nn.Sequential(*body)
 
 
 class PlaneResidualNet(nn.Module):
-    """``x + mean(residual over x-z planes, residual over y-z planes)`` for a ``(B, 1, X, Y, Z)`` volume, or
-    ``centre + residual`` for a ``(N, 2 * context + 1, H, Z)`` batch of planes with their neighbours (training).
+    """``x + mean(residual over x-z planes, residual over y-z planes[, residual over x-y planes])`` for a
+    ``(B, 1, X, Y, Z)`` volume, or ``centre + residual`` for a ``(N, 2 * context + 1, H, W)`` batch of planes with
+    their neighbours (training), of which the last ``axial`` are x-y planes for the axial CNN.
 
     Args:
         channels: width of every hidden layer.
         layers: number of 3x3 convolutions (receptive field ``2 * layers + 1`` pixels).
         context: neighbouring planes on each side given as extra channels (edges are replicated).
         chunk: planes per forward pass when a volume is processed (bounds the memory of inference).
+        axial: add the x-y plane CNN (``axial_body``). Weights without it (a two-view network's) load into it
+            with ``axial_body`` a copy of ``body``: the warm start of a three-view network.
     """
 
-    def __init__(self, channels: int = 48, layers: int = 12, context: int = 2, chunk: int = 64) -> None:
+    def __init__(
+        self, channels: int = 48, layers: int = 12, context: int = 2, chunk: int = 64, axial: bool = False
+    ) -> None:
         super().__init__()
         self.context, self.chunk = context, chunk
-        body: list[nn.Module] = [nn.Conv2d(2 * context + 1, channels, 3, padding=1), nn.ReLU(inplace=True)]
-        for _ in range(layers - 2):
-            body += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
-        body.append(nn.Conv2d(channels, 1, 3, padding=1))
-        self.body = nn.Sequential(*body)
-        for conv in body[:-1:2]:  # He initialisation: PyTorch's default shrinks a plain ReLU stack layer by layer
-            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
+        self.body = _plain_cnn(2 * context + 1, channels, layers)
+        self.axial_body = _plain_cnn(2 * context + 1, channels, layers) if axial else None
+        if axial:
+            self.register_load_state_dict_pre_hook(_axial_from_body)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, axial: int = 0) -> torch.Tensor:
         if x.ndim == 4:
-            return x[:, self.context : self.context + 1] + self.body(x)
+            centre = x[:, self.context : self.context + 1]
+            if not axial:
+                return centre + self.body(x)
+            if self.axial_body is None:
+                raise ValueError("axial planes given to a PlaneResidualNet without axial=True")
+            n = x.shape[0] - axial
+            return centre + torch.cat([self.body(x[:n]), self.axial_body(x[n:])])
         if x.ndim != 5 or x.shape[1] != 1:
-            raise ValueError(f"PlaneResidualNet takes (B, 1, X, Y, Z) volumes or (N, C, H, Z) planes, got {x.shape}")
-        return x + 0.5 * (self._residual(x, 3) + self._residual(x, 2))
+            raise ValueError(f"PlaneResidualNet takes (B, 1, X, Y, Z) volumes or (N, C, H, W) planes, got {x.shape}")
+        axes = (3, 2, 4) if self.axial_body is not None else (3, 2)
+        return x + sum(self._residual(x, axis) for axis in axes) / len(axes)
 
     def _residual(self, x: torch.Tensor, axis: int) -> torch.Tensor:
-        """The body's residual for every plane across ``axis`` (3: x-z planes, 2: y-z planes), as a volume."""
+        """The residual for every plane across ``axis`` (3: x-z planes, 2: y-z planes, 4: x-y planes by the
+        axial CNN), as a volume."""
         c = self.context
-        padded = pad_across(x[:, 0], axis, c)  # (B, X', Y', Z)
-        stack = padded.unfold(axis - 1, 2 * c + 1, 1)  # (B, ..., Z, 2c+1) with planes along axis - 1
-        stack = stack.movedim(axis - 1, 1).movedim(-1, 2)  # (B, n, 2c+1, H, Z)
-        b, n, h, z = stack.shape[0], stack.shape[1], stack.shape[3], stack.shape[4]
-        planes = stack.reshape(b * n, 2 * c + 1, h, z)
-        weight = self.body[0].weight
+        body = self.axial_body if axis == 4 else self.body
+        padded = pad_across(x[:, 0], axis, c)  # (B, X', Y', Z')
+        stack = padded.unfold(axis - 1, 2 * c + 1, 1)  # (B, ..., 2c+1) with planes along axis - 1
+        stack = stack.movedim(axis - 1, 1).movedim(-1, 2)  # (B, n, 2c+1, H, W)
+        b, n, h, w = stack.shape[0], stack.shape[1], stack.shape[3], stack.shape[4]
+        planes = stack.reshape(b * n, 2 * c + 1, h, w)
+        weight = body[0].weight
         last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
         chunks = []
         for i in range(0, b * n, self.chunk):
             chunk = planes[i : i + self.chunk]
-            chunks.append(self.body(chunk.contiguous(memory_format=torch.channels_last) if last else chunk))
-        out = torch.cat(chunks)  # (B * n, 1, H, Z)
-        return out.reshape(b, n, h, z).movedim(1, axis - 1).unsqueeze(1)
+            chunks.append(body(chunk.contiguous(memory_format=torch.channels_last) if last else chunk))
+        out = torch.cat(chunks)  # (B * n, 1, H, W)
+        return out.reshape(b, n, h, w).movedim(1, axis - 1).unsqueeze(1)
+
+
+def _axial_from_body(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load hook: a state dict without ``axial_body`` (a two-view network's) starts the axial CNN as ``body``."""
+    body, axial = prefix + "body.", prefix + "axial_body."
+    if not any(k.startswith(axial) for k in state_dict):
+        for k in [k for k in state_dict if k.startswith(body)]:
+            state_dict[axial + k[len(body) :]] = state_dict[k].clone()
 
 
 def pad_across(volumes: torch.Tensor, axis: int, context: int) -> torch.Tensor:
     """``(B, X, Y, Z)`` volumes with ``context`` edge-replicated planes added on both sides across ``axis`` of the
-    ``(B, 1, X, Y, Z)`` layout (2: x, 3: y), so that every plane has its neighbours."""
-    pad = [0, 0, context, context, 0, 0] if axis == 3 else [0, 0, 0, 0, context, context]
+    ``(B, 1, X, Y, Z)`` layout (2: x, 3: y, 4: z), so that every plane has its neighbours."""
+    pad = [0] * 6
+    pad[2 * (4 - axis)] = pad[2 * (4 - axis) + 1] = context
     return nn.functional.pad(volumes, pad, mode="replicate")
 
 
@@ -91,16 +125,45 @@ def plane_pairs(
     return torch.stack(cond), torch.stack(target)
 
 
-def prepare_batch(planes_per_axis: int | None, context: int) -> Callable:
+def axial_windows(
+    condition: torch.Tensor, image: torch.Tensor, per_volume: int, context: int, size: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut ``per_volume`` random x-y planes from every volume of a ``(B, 1, X, Y, Z)`` pair, with ``context``
+    neighbouring slices each side as channels, each cropped to a random ``size`` window (transposed at random, as
+    the in-plane grid is square), so that they stack with the x-z and y-z planes of ``plane_pairs``."""
+    cond, target = [], []
+    c = pad_across(condition[:, 0], 4, context)
+    for b in range(image.shape[0]):
+        for k in torch.randint(0, image.shape[-1], (per_volume,)).tolist():
+            pair = torch.cat([c[b].narrow(2, k, 2 * context + 1).movedim(2, 0), image[b, :, :, :, k]])
+            if torch.rand(()) < 0.5:
+                pair = pair.transpose(1, 2)
+            h, w = min(size[0], pair.shape[1]), min(size[1], pair.shape[2])
+            i = int(torch.randint(0, pair.shape[1] - h + 1, ()))
+            j = int(torch.randint(0, pair.shape[2] - w + 1, ()))
+            window = pair[:, i : i + h, j : j + w]
+            cond.append(window[:-1])
+            target.append(window[-1:])
+    return torch.stack(cond), torch.stack(target)
+
+
+def prepare_batch(planes_per_axis: int | None, network: nn.Module) -> Callable:
     """``SupervisedTrainer``'s ``prepare_batch`` for ``(condition, image)`` pairs: planes cut by ``plane_pairs``
-    (``planes_per_axis`` per axis and volume), or the whole 3D crops when ``planes_per_axis`` is None (a 3D
-    network such as ``configs/regression_unet3d.json``)."""
+    (``planes_per_axis`` per axis and volume), followed for a three-view ``network`` by as many x-y windows per
+    volume (``axial_windows``, passed on as ``axial=N``); or the whole 3D crops when ``planes_per_axis`` is None
+    (a 3D network such as ``configs/regression_unet3d.json``)."""
+    context = getattr(network, "context", 0)
+    axial = planes_per_axis if getattr(network, "axial_body", None) is not None else 0
 
     def prepare(batch: dict, device: torch.device, non_blocking: bool = False, **kwargs: Any) -> tuple:
         condition = batch["condition"].to(device, non_blocking=non_blocking)
         image = batch["image"].to(device, non_blocking=non_blocking)
         if planes_per_axis is None:
             return condition, image
-        return plane_pairs(condition, image, planes_per_axis, context)
+        planes, target = plane_pairs(condition, image, planes_per_axis, context)
+        if not axial:
+            return planes, target
+        windows, window_target = axial_windows(condition, image, axial, context, planes.shape[-2:])
+        return torch.cat([planes, windows]), torch.cat([target, window_target]), (), {"axial": len(windows)}
 
     return prepare

@@ -82,7 +82,12 @@ TASKS: dict[str, dict] = {
     },
     "mr_rician5": {"modality": "mr", "operator": {"operator": "identity"}, "in_training_range": True},
     "mr_rician4": {"modality": "mr", "operator": {"operator": "identity"}, "in_training_range": True},
-    "mr_kspace2": {"modality": "mr", "operator": {"operator": "kspace", "factor": 2.0}, "in_training_range": True},
+    "mr_kspace2": {
+        "modality": "mr",
+        "operator": {"operator": "kspace", "factor": 2.0},
+        "in_training_range": True,
+        "degradation": "kspace",
+    },
 }
 METHODS = (
     "classical",
@@ -108,6 +113,17 @@ LATENT_METHODS = {
 
 def _is_sr(task: str) -> bool:
     return TASKS[task]["operator"]["operator"] == "thick_slice"
+
+
+def _degradation(task: str, networks: dict, modality: str) -> str:
+    """The main job's ``--degradation`` for ``task``, as a user would give it: the task's own (k-space) when its
+    network is loaded, else ``noise`` (the modality's denoiser, as without the option; logged)."""
+    kind = TASKS[task].get("degradation", "noise")
+    restoration = networks.get("restoration")
+    if kind != "noise" and not (isinstance(restoration, dict) and restoration.get(f"{modality}_{kind}") is not None):
+        logger.warning("%s: no %s_%s restoration network; the regression row is the denoiser's", task, modality, kind)
+        return "noise"
+    return kind
 
 
 def usable_slices(task: str, n: int) -> int:
@@ -320,8 +336,10 @@ def run(
                         lambda: consistent(ceiling[0]), "cpu"
                     )
             if regression is not None:
+                kind = _degradation(task, regression, modality)
                 restored["regression"] = _timed(
-                    lambda: enhance_volume(image, regression, method="regression", **common)[0], device
+                    lambda: enhance_volume(image, regression, method="regression", degradation=kind, **common)[0],
+                    device,
                 )
                 if _is_sr(task):
                     restored["regression + data consistency"] = _timed(

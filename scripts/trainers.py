@@ -38,11 +38,13 @@ def identity_start(network: torch.nn.Module, scale: float = 0.0) -> torch.nn.Mod
     its first epochs getting back to the input). ``scale=0`` is the exact identity, a saddle: the other layers get
     no gradient until the last one has grown, and on MR Rician noise the plane network sat at its input's loss
     for hundreds of iterations (docs, "Release run 0.15.0"); a small ``scale`` (0.1) breaks it."""
-    last = [m for m in network.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))][-1]
-    with torch.no_grad():
-        last.weight.mul_(scale)
-        if last.bias is not None:
-            last.bias.zero_()
+    heads = [network.body, network.axial_body] if getattr(network, "axial_body", None) is not None else [network]
+    for head in heads:  # a three-view PlaneResidualNet: the last convolution of each of its two CNNs
+        last = [m for m in head.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))][-1]
+        with torch.no_grad():
+            last.weight.mul_(scale)
+            if last.bias is not None:
+                last.bias.zero_()
     return network
 
 

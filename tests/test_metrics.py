@@ -125,3 +125,33 @@ def test_sharpness_ratio_is_one_for_the_truth_below_for_blur_above_for_noise():
     assert sharpness_ratio(vol, vol) == pytest.approx(1.0)
     assert sharpness_ratio(blurred, vol) < 0.7 < 1.3 < sharpness_ratio(noisy, vol)
     assert score(blurred, vol, "ct")["sharpness"] < 1.0
+
+
+def test_bm4d_rows_follow_the_optional_package(monkeypatch):
+    """BM4D is optional: without the package, no BM4D rows; with it (a stand-in module here, as CI lacks the
+    non-commercial package), one row per sigma factor, each given ``factor`` times the estimated noise level, and
+    ``tuned_best`` keeps the best of them."""
+    import sys
+    import types
+
+    from scripts import baseline_report, baselines
+
+    torch.manual_seed(0)
+    clean = torch.zeros(24, 24, 8)
+    noisy = clean + 0.1 * torch.randn_like(clean)
+    affine = np.eye(4)
+    monkeypatch.setattr(baseline_report, "bm4d_available", lambda: False)
+    assert not any(m.startswith("bm4d") for m in baseline_report.restore_all("mr_rician4", noisy, affine, [1, 1, 1]))
+    seen = []
+    fake = types.SimpleNamespace(bm4d=lambda v, sigma: seen.append(sigma) or np.zeros_like(v))
+    monkeypatch.setitem(sys.modules, "bm4d", fake)
+    monkeypatch.setattr(baseline_report, "bm4d_available", lambda: True)
+    out = baseline_report.restore_all("mr_rician4", noisy, affine, [1, 1, 1])
+    rows = [m for m in out if m.startswith("bm4d")]
+    assert len(rows) == len(baseline_report.BM4D_SIGMA_FACTORS) == len(seen)
+    estimate = baselines.noise_sigma(noisy.double().numpy())
+    assert 0.07 < estimate < 0.13
+    for f, sigma in zip(baseline_report.BM4D_SIGMA_FACTORS, seen):
+        assert sigma == pytest.approx(f * estimate)
+    means = {m: {"psnr": float(i)} for i, m in enumerate(["nlm h=0.8", *rows])}
+    assert [m for m in baseline_report.tuned_best(means) if m.startswith("bm4d")] == [rows[-1]]

@@ -6,9 +6,10 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from monai.bundle import ConfigParser
-from scripts.regression import PlaneResidualNet, plane_pairs
+from scripts.regression import PlaneResidualNet, axial_windows, plane_pairs
 from scripts.trainers import identity_start
 from tests.conftest import ROOT, monai_bundle, tracked_training
 from tests.test_pipeline import _run
@@ -49,18 +50,26 @@ def test_regression_peer_trains_and_enhances(crops, tmp_path):
 def test_the_restoration_override_trains_the_same_grid_specialist(crops, tmp_path):
     """``configs/train_restoration.json``: the same recipe on the same-grid task (denoising) of CT volumes only,
     saved under its own name so that it never overwrites the super-resolution network."""
-    ckpt = tmp_path / "models"
+    ckpt, start = tmp_path / "models", tmp_path / "two_view.pt"
+    torch.manual_seed(0)
+    two_view = ConfigParser.load_config_file(ROOT / "configs" / "tiny.json")["regression_def"]
+    torch.save(ConfigParser({"net": two_view}).get_parsed_content("net").state_dict(), start)
     parser = _run(
         ["train_regression.json", "train_restoration.json", "tiny.json"],
         datalist=str(crops / "datalist.json"),
         ckpt_dir=str(ckpt),
         output_dir=str(tmp_path / "tb"),
         max_epochs=1,
+        init_weights=str(start),
     )
     names = {p.name for p in ckpt.iterdir()}
     assert "restoration_ct.pt" in names and not any(n.startswith("regression") for n in names)
     kinds = {m: type(t).__name__ for m, t in parser.get_parsed_content("degradations").items()}
     assert kinds == {"ct": "RandCachedLowDoseCTd", "mr": "RandRicianNoised"}
+    # the restoration network is the three-view one, warm-started from two-view weights; both CNNs trained
+    trained, initial = torch.load(ckpt / "restoration_ct.pt", weights_only=True), torch.load(start, weights_only=True)
+    for head in ("body.", "axial_body."):
+        assert not torch.equal(trained[head + "0.weight"], initial["body.0.weight"]), head
 
 
 def test_same_grid_volumes_go_to_the_restoration_network():
@@ -89,6 +98,39 @@ def test_same_grid_volumes_go_to_the_restoration_network():
         torch.testing.assert_close(run(both, [1.0, 1.0, 1.0]), run({"regression": sr}, [1.0, 1.0, 1.0]))
     only_mr = {"regression": sr, "restoration": {"ct": None, "mr": rest}}  # no CT specialist: the SR network
     torch.testing.assert_close(run(only_mr, None), run({"regression": sr}, None))
+
+
+def test_degradation_picks_the_k_space_network_and_refuses_what_it_cannot_do():
+    """``--degradation kspace``: the modality's k-space network on the input's grid; no such network, a new grid
+    or an unknown degradation is a clear error, not a silent fall back to the denoiser."""
+    from scripts.enhance import regression_for
+    from scripts.errors import InputError
+
+    sr, noise, kspace = torch.nn.Identity(), torch.nn.Identity(), torch.nn.Identity()
+    nets = {"regression": sr, "restoration": {"ct": noise, "mr": noise, "mr_kspace": kspace}}
+    assert regression_for(nets, True, "mr", "kspace") is kspace
+    assert regression_for(nets, True, "mr") is noise and regression_for(nets, False, "mr") is sr
+    with pytest.raises(InputError, match=r"--degradation kspace: no CT network for it \(restoration_ct_kspace.pt"):
+        regression_for(nets, True, "ct", "kspace")
+    with pytest.raises(InputError, match="own grid; drop --target_spacing"):
+        regression_for(nets, False, "mr", "kspace")
+    with pytest.raises(InputError, match="must be one of noise, kspace, got 'blur'"):
+        regression_for(nets, True, "mr", "blur")
+    with pytest.raises(InputError, match="no MR network"):
+        regression_for({"regression": sr, "restoration": noise}, True, "mr", "kspace")
+
+
+def test_the_k_space_override_trains_on_k_space_truncation_only():
+    """``configs/train_restoration_mr_kspace.json``: MR volumes only, k-space truncation pairs, its own weights
+    file (``restoration_mr_kspace.pt``, which the main job loads for ``--degradation kspace``)."""
+    parser = ConfigParser()
+    names = ["train_regression.json", "train_restoration.json", "train_restoration_mr_kspace.json"]
+    parser.read_config([str(ROOT / "configs" / n) for n in names])
+    assert parser.get_parsed_content("weights_file") == "restoration_mr_kspace.pt"
+    assert parser["modalities"] == ["mr"]
+    assert type(parser.get_parsed_content("degradations#mr")).__name__ == "RandKSpaceTruncated"
+    inference = ConfigParser.load_config_file(ROOT / "configs" / "inference.json")
+    assert "restoration_mr_kspace.pt" in inference["restoration"]["mr_kspace"]
 
 
 def test_regression_training_with_mlflow(crops, tmp_path):
@@ -204,6 +246,46 @@ def test_plane_network_averages_its_x_z_and_y_z_residuals():
         torch.testing.assert_close(net(x), expected)
 
 
+def test_three_view_network_adds_the_axial_residual_and_starts_from_two_view_weights():
+    """``axial=True``: the x-y planes (neighbouring slices as channels) go through the second CNN and the three
+    residuals are averaged; weights of a two-view network load with the axial CNN a copy of the first; a plane
+    batch sends its last ``axial`` planes to the axial CNN."""
+    torch.manual_seed(0)
+    two = PlaneResidualNet(channels=6, layers=4, context=2, chunk=7).eval()
+    three = PlaneResidualNet(channels=6, layers=4, context=2, chunk=7, axial=True).eval()
+    three.load_state_dict(two.state_dict())
+    for (k, a), b in zip(three.axial_body.state_dict().items(), three.body.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    with torch.no_grad():
+        for p in three.axial_body.parameters():  # a different axial CNN, so that a swapped body would show
+            p.add_(0.05 * torch.randn_like(p))
+        x = torch.randn(2, 1, 13, 10, 6)
+        through = _plane_reference(three, x, 3) + _plane_reference(three, x, 2)
+        axial = torch.zeros_like(x)
+        for k in range(6):
+            idx = torch.tensor([min(max(j, 0), 5) for j in range(k - 2, k + 3)])
+            axial[..., k] = three.axial_body(x[:, 0].index_select(3, idx).movedim(3, 1))
+        torch.testing.assert_close(three(x), x + (through + axial) / 3)
+        planes = torch.randn(5, 5, 8, 6)
+        out = three(planes, axial=2)
+        torch.testing.assert_close(out[:3], planes[:3, 2:3] + three.body(planes[:3]))
+        torch.testing.assert_close(out[3:], planes[3:, 2:3] + three.axial_body(planes[3:]))
+    with pytest.raises(ValueError, match="axial"):
+        two(planes, axial=2)
+
+
+def test_axial_windows_cut_slices_with_their_neighbours():
+    """Axial training windows: the centre channel is the condition's slice at the target's position, its
+    neighbours the adjacent slices (edges replicated), cropped to the through-plane planes' shape."""
+    torch.manual_seed(0)
+    cond = torch.arange(2 * 12 * 12 * 5, dtype=torch.float32).reshape(2, 1, 12, 12, 5)
+    windows, target = axial_windows(cond, cond + 0.5, per_volume=6, context=1, size=(12, 5))
+    assert windows.shape == (12, 3, 12, 5) and target.shape == (12, 1, 12, 5)
+    torch.testing.assert_close(windows[:, 1:2] + 0.5, target)
+    step = (windows[:, 2] - windows[:, 1]).flatten(1)[:, 0]  # 1 across z, 0 at a replicated edge
+    assert set(step.unique().tolist()) <= {0.0, 1.0} and 1.0 in step.tolist()
+
+
 def test_plane_pairs_cut_planes_with_their_neighbours():
     """Training planes: the centre channel is the condition's plane at the target's position, its neighbours the
     adjacent planes (edges replicated), from both axes."""
@@ -214,3 +296,22 @@ def test_plane_pairs_cut_planes_with_their_neighbours():
     torch.testing.assert_close(planes[:, 1:2] + 0.5, target)
     step = (planes[:, 2] - planes[:, 1]).flatten(1)[:, 0]  # 40 across x, 5 across y, 0 at a replicated edge
     assert set(step.unique().tolist()) <= {0.0, 5.0, 40.0} and {5.0, 40.0} <= set(step.unique().tolist())
+
+
+def test_each_restoration_network_loads_its_own_weights(tmp_path):
+    """The MR denoiser and the MR k-space network are two networks: loading one file must not overwrite the other
+    (one shared config instance did, in a first 0.17.0 results run)."""
+    from scripts.enhance import inference_parser
+
+    tiny = ConfigParser.load_config_file(ROOT / "configs" / "tiny.json")["restoration_def"]
+    weights = {}
+    for name in ("restoration_mr", "restoration_mr_kspace"):
+        weights[name] = ConfigParser({"net": tiny}).get_parsed_content("net").state_dict()
+        torch.save(weights[name], tmp_path / f"{name}.pt")
+    sr = ConfigParser.load_config_file(ROOT / "configs" / "tiny.json")["regression_def"]
+    torch.save(ConfigParser({"net": sr}).get_parsed_content("net").state_dict(), tmp_path / "model.pt")
+    parser = inference_parser(["configs/inference.json", "configs/tiny.json"], ckpt_dir=str(tmp_path), device="cpu")
+    restoration = parser.get_parsed_content("networks")["restoration"]
+    assert restoration["mr"] is not restoration["mr_kspace"] and restoration["ct"] is None
+    for key, name in (("mr", "restoration_mr"), ("mr_kspace", "restoration_mr_kspace")):
+        torch.testing.assert_close(restoration[key].state_dict(), weights[name])

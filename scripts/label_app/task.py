@@ -23,7 +23,8 @@ class EnhanceTask(InferTask):
     """Enhance the opened volume; the result is a NIfTI volume in the input's units (not a label map).
 
     Request keys (all optional, defaults in ``config()``): ``target_spacing`` ("sx,sy,sz" in mm, empty for the
-    input's), ``modality`` (ct|mr), ``num_inference_steps``, ``seed``.
+    input's), ``modality`` (ct|mr), ``degradation`` (noise|kspace: picks the same-grid network),
+    ``num_inference_steps``, ``seed``.
     """
 
     def __init__(
@@ -37,7 +38,7 @@ class EnhanceTask(InferTask):
             labels=None,
             dimension=3,
             description="CT/MR enhancement (denoising, through-plane super-resolution)",
-            config={"target_spacing": "", "modality": "", "num_inference_steps": 20, "seed": 0},
+            config={"target_spacing": "", "modality": "", "degradation": "noise", "num_inference_steps": 20, "seed": 0},
         )
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else ROOT / "models"
         self.config_files, self.device = config_files, device
@@ -90,6 +91,7 @@ class EnhanceTask(InferTask):
                 networks,
                 target_spacing=target,
                 modality=params.get("modality") or None,
+                degradation=str(params.get("degradation") or "noise"),
                 num_inference_steps=int(params["num_inference_steps"]),
                 seed=int(params["seed"]),
                 sliding_window=sliding_window,
