@@ -63,31 +63,37 @@ class PlaneResidualNet(nn.Module):
             centre = x[:, self.context : self.context + 1]
             if not axial:
                 return centre + self.body(x)
-            if self.axial_body is None:
-                raise ValueError("axial planes given to a PlaneResidualNet without axial=True")
-            n = x.shape[0] - axial
-            return centre + torch.cat([self.body(x[:n]), self.axial_body(x[n:])])
+            if self.axial_body is not None:
+                n = x.shape[0] - axial
+                return centre + torch.cat([self.body(x[:n]), self.axial_body(x[n:])])
+            raise ValueError("axial planes given to a PlaneResidualNet without axial=True")
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"PlaneResidualNet takes (B, 1, X, Y, Z) volumes or (N, C, H, W) planes, got {x.shape}")
-        axes = (3, 2, 4) if self.axial_body is not None else (3, 2)
-        return x + sum(self._residual(x, axis) for axis in axes) / len(axes)
+        through = self._residual(x, 3) + self._residual(x, 2)
+        if self.axial_body is not None:
+            return x + (through + self._residual(x, 4)) / 3
+        return x + 0.5 * through
 
     def _residual(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         """The residual for every plane across ``axis`` (3: x-z planes, 2: y-z planes, 4: x-y planes by the
         axial CNN), as a volume."""
         c = self.context
-        body = self.axial_body if axis == 4 else self.body
         padded = pad_across(x[:, 0], axis, c)  # (B, X', Y', Z')
         stack = padded.unfold(axis - 1, 2 * c + 1, 1)  # (B, ..., 2c+1) with planes along axis - 1
         stack = stack.movedim(axis - 1, 1).movedim(-1, 2)  # (B, n, 2c+1, H, W)
         b, n, h, w = stack.shape[0], stack.shape[1], stack.shape[3], stack.shape[4]
         planes = stack.reshape(b * n, 2 * c + 1, h, w)
-        weight = body[0].weight
+        weight = self.body[0].weight  # both CNNs are prepared alike (scripts.engine.prepare_network)
         last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
         chunks = []
         for i in range(0, b * n, self.chunk):
             chunk = planes[i : i + self.chunk]
-            chunks.append(body(chunk.contiguous(memory_format=torch.channels_last) if last else chunk))
+            if last:
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            if axis == 4 and self.axial_body is not None:
+                chunks.append(self.axial_body(chunk))
+            else:
+                chunks.append(self.body(chunk))
         out = torch.cat(chunks)  # (B * n, 1, H, W)
         return out.reshape(b, n, h, w).movedim(1, axis - 1).unsqueeze(1)
 

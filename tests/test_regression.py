@@ -266,6 +266,7 @@ def test_three_view_network_adds_the_axial_residual_and_starts_from_two_view_wei
             idx = torch.tensor([min(max(j, 0), 5) for j in range(k - 2, k + 3)])
             axial[..., k] = three.axial_body(x[:, 0].index_select(3, idx).movedim(3, 1))
         torch.testing.assert_close(three(x), x + (through + axial) / 3)
+        torch.testing.assert_close(torch.jit.script(three)(x), three(x))  # export (ckpt_export) scripts it
         planes = torch.randn(5, 5, 8, 6)
         out = three(planes, axial=2)
         torch.testing.assert_close(out[:3], planes[:3, 2:3] + three.body(planes[:3]))
