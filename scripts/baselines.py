@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.utils import optional_import
 from scipy.ndimage import spline_filter1d
 from scripts.degradations import blur
 from scripts.grid import apply_along_axis, axis_positions, fov_grid, interpolation_matrix
@@ -86,8 +87,7 @@ def bm4d_available() -> bool:
 def bm4d_denoise(x: torch.Tensor, sigma_factor: float = 1.0, sigma: float | None = None) -> torch.Tensor:
     """BM4D (both stages, its default profile) on the whole volume with a white-noise model of standard deviation
     ``sigma_factor * sigma``; ``sigma`` is estimated from the data as for NLM (``noise_sigma``) when not given."""
-    import bm4d
-
+    bm4d, _ = optional_import("bm4d")  # MONAI's optional import: the module imports without the package
     vol = x.detach().cpu().double().numpy()
     flat = vol.reshape(-1, *vol.shape[-3:])
     out = np.stack([bm4d.bm4d(v, sigma_factor * (sigma if sigma is not None else noise_sigma(v))) for v in flat])
