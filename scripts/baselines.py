@@ -6,7 +6,6 @@ non-commercial use only, so the bundle never depends on it; without it the BM4D 
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 
 import numpy as np
@@ -81,7 +80,7 @@ def noise_sigma(v: np.ndarray) -> float:
 
 def bm4d_available() -> bool:
     """Whether the optional ``bm4d`` package is installed."""
-    return importlib.util.find_spec("bm4d") is not None
+    return bool(optional_import("bm4d")[1])
 
 
 def bm4d_denoise(x: torch.Tensor, sigma_factor: float = 1.0, sigma: float | None = None) -> torch.Tensor:

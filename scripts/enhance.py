@@ -294,6 +294,12 @@ def enhance_volume(
     return stack.mean(0), std, affine, modality
 
 
+def restoration_key(modality: str, degradation: str = "noise") -> str:
+    """The key of ``networks['restoration']`` for a modality and a same-grid degradation: ``ct``/``mr`` for noise,
+    ``<modality>_<degradation>`` otherwise."""
+    return modality if degradation == "noise" else f"{modality}_{degradation}"
+
+
 def regression_for(
     networks: dict, same_grid: bool, modality: str, degradation: str = "noise"
 ) -> torch.nn.Module | None:
@@ -304,7 +310,7 @@ def regression_for(
     the input's grid."""
     if degradation not in DEGRADATIONS:
         raise InputError(f"--degradation: must be one of {', '.join(DEGRADATIONS)}, got {degradation!r}")
-    key = modality if degradation == "noise" else f"{modality}_{degradation}"
+    key = restoration_key(modality, degradation)
     restoration = networks.get("restoration")
     if isinstance(restoration, dict):
         restoration = restoration.get(key)

@@ -37,7 +37,7 @@ from scripts.autoencoder import reconstruct_volume
 from scripts.baseline_report import degrade_for_task, restore_all, sr_factor, tuned_best
 from scripts.baselines import resample
 from scripts.datalist import read_datalist
-from scripts.enhance import enhance_volume, inference_parser, physical_range
+from scripts.enhance import enhance_volume, inference_parser, physical_range, restoration_key
 from scripts.evaluate import display_window, evaluate
 from scripts.figures import montage
 from scripts.intensity import denormalize, intensity_params, normalize
@@ -120,7 +120,9 @@ def _degradation(task: str, networks: dict, modality: str) -> str:
     network is loaded, else ``noise`` (the modality's denoiser, as without the option; logged)."""
     kind = TASKS[task].get("degradation", "noise")
     restoration = networks.get("restoration")
-    if kind != "noise" and not (isinstance(restoration, dict) and restoration.get(f"{modality}_{kind}") is not None):
+    if kind != "noise" and not (
+        isinstance(restoration, dict) and restoration.get(restoration_key(modality, kind)) is not None
+    ):
         logger.warning("%s: no %s_%s restoration network; the regression row is the denoiser's", task, modality, kind)
         return "noise"
     return kind
