@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-bm4d lint format label-server demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-restoration release-restoration-ct release-restoration-mr release-restoration-mr-kspace release-results stress-ddp device-kit clean
+.PHONY: install install-bm4d lint format label-server demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-restoration release-restoration-ct release-restoration-mr release-restoration-mr-kspace release-restoration-ct-blur release-results stress-ddp device-kit clean
 
 install: $(STAMP)
 
@@ -169,6 +169,15 @@ release-restoration-mr-kspace: $(STAMP)
 	    'configs/train_restoration_mr_kspace.json']" $(RES_ARGS) --output_dir $(R)/restoration_mr_kspace \
 	    $(if $(RES_INIT_MR_KSPACE),--init_weights $(RES_INIT_MR_KSPACE),--resume auto) \
 	    >> $(R)/logs/restoration_mr_kspace.log 2>&1
+# CT deblurring (models/restoration_ct_blur.pt, the main job's --degradation blur): the same network refines the
+# known-kernel least squares of Gaussian and box blurs of 0.5-2 mm, from its near-identity start.
+RES_INIT_CT_BLUR :=
+release-restoration-ct-blur: $(STAMP)
+	mkdir -p $(R)/logs
+	$(RUN) training --config_file "['configs/train_regression.json','configs/train_restoration.json', \
+	    'configs/train_restoration_ct_blur.json']" $(RES_ARGS) --output_dir $(R)/restoration_ct_blur \
+	    $(if $(RES_INIT_CT_BLUR),--init_weights $(RES_INIT_CT_BLUR),--resume auto) \
+	    >> $(R)/logs/restoration_ct_blur.log 2>&1
 
 # The results table of the release on the validation volumes (classical baselines and the regression stage);
 # RESULTS_TASKS picks tasks (the super-resolution ones: RESULTS_TASKS=$(SR_TASKS)), RESULTS_DIR the folder under $(R).

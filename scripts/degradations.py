@@ -14,7 +14,6 @@ from math import ceil
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, RandomizableTransform
@@ -86,14 +85,17 @@ def _kernel_taps(kind: str, size_vox: float) -> np.ndarray:
 
 
 def _convolve_axis(x: torch.Tensor, taps: np.ndarray, dim: int) -> torch.Tensor:
+    """Convolve along ``dim`` with replicated edges, as a weighted sum of shifted views: several times faster on
+    CPU than ``conv1d`` over millions of one-channel rows, and differentiable (the adjoint of least squares)."""
     if len(taps) == 1:
         return x
-    r = len(taps) // 2
-    moved = torch.movedim(x, dim, -1)
-    flat = moved.reshape(-1, 1, moved.shape[-1])
-    weight = torch.as_tensor(taps, dtype=x.dtype, device=x.device).flip(0)[None, None]
-    out = F.conv1d(F.pad(flat, (r, r), mode="replicate"), weight)
-    return torch.movedim(out.reshape(moved.shape), -1, dim)
+    r, n = len(taps) // 2, x.shape[dim]
+    padded = x.index_select(dim, torch.arange(-r, n + r, device=x.device).clamp(0, n - 1))
+    weights = [float(w) for w in taps[::-1]]
+    out = weights[0] * padded.narrow(dim, 0, n)
+    for k in range(1, len(weights)):
+        out.add_(padded.narrow(dim, k, n), alpha=weights[k])
+    return out
 
 
 def blur(

@@ -44,6 +44,7 @@ from scripts.engine import autocast, run_network
 from scripts.errors import InputError, OutputExistsError
 from scripts.grid import apply_along_axis, axis_positions, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
+from scripts.least_squares import BLUR_KERNELS, deblur
 from scripts.options import flag
 from scripts.volumes import load_volume, save_volume, spacing_of
 from tqdm import tqdm
@@ -51,9 +52,10 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 DICOM_DESCRIPTION = "enhanced by latent diffusion (research use only)"
-# what a same-grid input suffers from (``--degradation``): random noise, or in-plane k-space truncation (MR
-# acquired at a lower matrix and zero-filled to the grid); each has its own restoration network
-DEGRADATIONS = ("noise", "kspace")
+# what a same-grid input suffers from (``--degradation``): random noise, in-plane k-space truncation (MR
+# acquired at a lower matrix and zero-filled to the grid), or a known blur (``--kernel``, ``--sigma_mm``); each has
+# its own restoration network
+DEGRADATIONS = ("noise", "kspace", "blur")
 
 
 def inference_parser(config_files: Sequence[str], load_networks: bool = True, **overrides) -> ConfigParser:
@@ -195,6 +197,8 @@ def enhance_volume(
     residual_decoding: bool = False,
     amp: bool = False,
     degradation: str = "noise",
+    kernel: str = "gaussian",
+    sigma_mm: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, str]:
     """Enhance a loaded ``(1, X, Y, Z)`` MetaTensor; return the mean, the std map (``num_samples > 1``), the
     output affine and the modality used. Values are in the input's units.
@@ -215,7 +219,9 @@ def enhance_volume(
     ``amp=True`` runs the networks under ``scripts.engine``'s autocast (float16 on CUDA, bfloat16 with channels-last
     on a CPU); intensities, latents and the returned volume stay float32.
     ``degradation`` names what a same-grid input suffers from (``DEGRADATIONS``), which picks the restoration
-    network: the modality's denoiser for ``noise``, its ``<modality>_kspace`` network for ``kspace``.
+    network: the modality's denoiser for ``noise``, its ``<modality>_kspace`` network for ``kspace``. For ``blur``
+    the input first gets the known-kernel least squares (``scripts.least_squares.deblur``: ``kernel`` gaussian or
+    box, ``sigma_mm`` its sigma or width), which the ``<modality>_blur`` network then refines.
     """
     device = torch.device(device)
     sw = {"roi_size": [256, 256, 32], "overlap": 0.25, "sampling_overlap": 0.5, **(sliding_window or {})}
@@ -223,6 +229,11 @@ def enhance_volume(
         raise InputError(f"--method: must be 'diffusion' or 'regression', got {method!r}")
     if residual_decoding and method == "regression":
         raise InputError("--residual_decoding: applies to the latent method; the regression peer is residual already")
+    if degradation == "blur" and (kernel not in BLUR_KERNELS or not float(sigma_mm) > 0):
+        raise InputError(
+            f"--kernel, --sigma_mm: a blur is {' or '.join(BLUR_KERNELS)} of a size > 0 mm, got {kernel!r} of "
+            f"{sigma_mm}"
+        )
     modality = resolve_modality(image, modality)
     spacing = target_spacing_of(image, target_spacing)
     same_grid = bool(np.allclose(spacing, spacing_of(image.affine)))
@@ -235,6 +246,10 @@ def enhance_volume(
         condition, affine = resample(image.as_tensor().float(), np.asarray(image.affine), spacing, "trilinear")
     params = intensity_params(image.as_tensor(), modality)
     x = normalize(condition, params)[None].to(device)
+    if peer is not None and degradation == "blur":  # the blur network refines the known kernel's least squares
+        t0 = time.perf_counter()
+        x = deblur(x.float().cpu(), spacing_of(image.affine), float(sigma_mm), kernel).to(device)
+        logger.info("least squares for the %s blur of %g mm: %.1f s", kernel, float(sigma_mm), time.perf_counter() - t0)
     if method == "regression":
         if peer is None:
             raise InputError("--method regression: no regression network given (networks 'regression'/'restoration')")
@@ -304,10 +319,10 @@ def regression_for(
     networks: dict, same_grid: bool, modality: str, degradation: str = "noise"
 ) -> torch.nn.Module | None:
     """The regression network for a volume: the same-grid restoration specialist (``networks['restoration']``, a
-    network or one per modality and degradation: ``ct``, ``mr`` for noise, ``mr_kspace``) when the grid does not
-    change and it is given, else ``networks['regression']`` (the super-resolution specialist, which also serves
-    same-grid noisy volumes when no denoiser is given). A degradation other than noise needs its own network and
-    the input's grid."""
+    network or one per modality and degradation: ``ct``, ``mr`` for noise, ``mr_kspace``, ``ct_blur``) when the
+    grid does not change and it is given, else ``networks['regression']`` (the super-resolution specialist, which
+    also serves same-grid noisy volumes when no denoiser is given). A degradation other than noise needs its own
+    network and the input's grid."""
     if degradation not in DEGRADATIONS:
         raise InputError(f"--degradation: must be one of {', '.join(DEGRADATIONS)}, got {degradation!r}")
     key = restoration_key(modality, degradation)
@@ -418,6 +433,8 @@ def enhance(
     residual_decoding: bool = False,
     amp: bool = False,
     degradation: str = "noise",
+    kernel: str = "gaussian",
+    sigma_mm: float = 1.0,
 ) -> dict:
     """Enhance one file or DICOM series into ``output_image`` (NIfTI, atomic), plus ``*_std.nii.gz`` when
     ``num_samples > 1`` and a derived DICOM series in the folder ``output_dicom`` when given (patient and study
@@ -447,6 +464,8 @@ def enhance(
         residual_decoding=residual_decoding,
         amp=amp,
         degradation=degradation,
+        kernel=kernel,
+        sigma_mm=sigma_mm,
     )
     outputs = {}
     try:

@@ -36,8 +36,8 @@ from scripts.diffusion import unet_divisor
 from scripts.enhance import physical_range, resolve_modality, start_steps, target_spacing_of
 from scripts.grid import apply_along_axis, fov_grid, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
+from scripts.least_squares import estimate_noise, least_squares_consistency
 from scripts.volumes import load_volume, save_volume, spacing_of
-from skimage.restoration import estimate_sigma
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -91,60 +91,6 @@ def forward_operator(
     if operator == "kspace":
         return lambda x: kspace_truncate(x, factor)
     return lambda x: x
-
-
-def estimate_noise(observed: torch.Tensor) -> float:
-    """Noise standard deviation of a normalised volume, by the wavelet MAD estimator (Donoho & Johnstone)."""
-    return float(estimate_sigma(observed.detach().cpu().numpy().squeeze(), channel_axis=None))
-
-
-def least_squares_consistency(
-    x: torch.Tensor,
-    observed: torch.Tensor,
-    operator: Callable[[torch.Tensor], torch.Tensor],
-    noise_sigma: float,
-    max_iters: int = 20,
-) -> torch.Tensor:
-    """Move ``x`` toward ``observed = A x`` in image space: CGLS iterations on ``||y - A x||`` from ``x``, stopped
-    by the discrepancy principle so that noise is not fitted: a step that would take the misfit under
-    ``noise_sigma sqrt(m)`` is shortened to end on it (for the identity, denoising, the one step toward ``y``
-    becomes the blend of ``x`` and ``y`` whose misfit is the noise level).
-
-    The changes lie in the range of ``A^T``, so what ``y`` cannot tell (the null space of ``A``) stays the
-    prior's; without noise and for the box thick-slice operator this is the projection of
-    ``scripts.enhance.data_consistency``. ``A`` must be linear; ``A^T`` is its vector-Jacobian product. Any
-    units, as long as ``x``, ``observed`` and ``noise_sigma`` share them.
-    """
-    probe = torch.zeros_like(x, requires_grad=True)
-    with torch.enable_grad():
-        applied = operator(probe)
-
-    def adjoint(r: torch.Tensor) -> torch.Tensor:
-        return torch.autograd.grad(applied, probe, r, retain_graph=True)[0]
-
-    x = x.detach().clone()
-    with torch.no_grad():
-        r = observed - operator(x)
-        tolerance = float(noise_sigma) * r.numel() ** 0.5
-        s = adjoint(r)
-        p, gamma = s, s.pow(2).sum()
-        for _ in range(int(max_iters)):
-            if torch.linalg.vector_norm(r) <= tolerance or gamma == 0:
-                break
-            q = operator(p)
-            qq = q.pow(2).sum().clamp_min(1e-30)
-            alpha = gamma / qq
-            if torch.linalg.vector_norm(r - alpha * q) < tolerance:
-                # the full step would fit noise (one step reaches y for the identity): stop on the noise level
-                rq, rr = (r * q).sum(), r.pow(2).sum()
-                alpha = (rq - (rq**2 - qq * (rr - tolerance**2)).clamp_min(0).sqrt()) / qq
-                x = x + alpha * p
-                break
-            x, r = x + alpha * p, r - alpha * q
-            s = adjoint(r)
-            gamma, previous = s.pow(2).sum(), gamma
-            p = s + gamma / previous * p
-    return x
 
 
 def _checkpointed(fn: Callable) -> Callable:

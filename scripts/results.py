@@ -6,7 +6,7 @@ classical baselines, the regression peer and the latent ControlNet (one sample, 
 ``--data_consistency`` for super-resolution; the ControlNet's mean of K samples), and posterior sampling with the
 task's known operator. Where that operator is not the identity (super-resolution, deblurring), the
 data-consistency step (least squares toward the input with the known operator,
-``scripts.posterior.least_squares_consistency``) gets its own rows: after interpolation or on the input itself
+``scripts.least_squares.least_squares_consistency``) gets its own rows: after interpolation or on the input itself
 (the classical counterpart, knowing the operator as posterior sampling does), and after posterior sampling (its
 default finish). Oracle rows show the autoencoder's ceiling: the reference itself encoded and decoded (what a
 latent method returns when its prior and ControlNet find the reference's own latent), that reconstruction after
@@ -41,8 +41,9 @@ from scripts.enhance import enhance_volume, inference_parser, physical_range, re
 from scripts.evaluate import display_window, evaluate
 from scripts.figures import montage
 from scripts.intensity import denormalize, intensity_params, normalize
+from scripts.least_squares import estimate_noise, least_squares_consistency
 from scripts.options import flag
-from scripts.posterior import estimate_noise, forward_operator, least_squares_consistency, restore
+from scripts.posterior import forward_operator, restore
 from scripts.volumes import load_volume, save_volume, spacing_of
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ TASKS: dict[str, dict] = {
         "modality": "ct",
         "operator": {"operator": "blur", "kernel": "gaussian", "sigma_mm": 1.0},
         "in_training_range": True,
+        "degradation": "blur",
     },
     "mr_sr_1to4mm": {
         "modality": "mr",
@@ -115,17 +117,21 @@ def _is_sr(task: str) -> bool:
     return TASKS[task]["operator"]["operator"] == "thick_slice"
 
 
-def _degradation(task: str, networks: dict, modality: str) -> str:
-    """The main job's ``--degradation`` for ``task``, as a user would give it: the task's own (k-space) when its
-    network is loaded, else ``noise`` (the modality's denoiser, as without the option; logged)."""
+def _degradation(task: str, networks: dict, modality: str) -> dict:
+    """The main job's ``--degradation`` options for ``task``, as a user would give them: the task's own (k-space;
+    blur with its known kernel) when its network is loaded, else ``noise`` (the modality's denoiser, as without the
+    option; logged)."""
     kind = TASKS[task].get("degradation", "noise")
     restoration = networks.get("restoration")
     if kind != "noise" and not (
         isinstance(restoration, dict) and restoration.get(restoration_key(modality, kind)) is not None
     ):
         logger.warning("%s: no %s_%s restoration network; the regression row is the denoiser's", task, modality, kind)
-        return "noise"
-    return kind
+        return {"degradation": "noise"}
+    if kind == "blur":
+        known = TASKS[task]["operator"]
+        return {"degradation": kind, "kernel": known["kernel"], "sigma_mm": known["sigma_mm"]}
+    return {"degradation": kind}
 
 
 def usable_slices(task: str, n: int) -> int:
@@ -340,8 +346,7 @@ def run(
             if regression is not None:
                 kind = _degradation(task, regression, modality)
                 restored["regression"] = _timed(
-                    lambda: enhance_volume(image, regression, method="regression", degradation=kind, **common)[0],
-                    device,
+                    lambda: enhance_volume(image, regression, method="regression", **kind, **common)[0], device
                 )
                 if _is_sr(task):
                     restored["regression + data consistency"] = _timed(

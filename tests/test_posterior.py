@@ -15,7 +15,8 @@ from scripts.baselines import resample
 from scripts.degradations import thick_slice, thick_slice_affine
 from scripts.enhance import data_consistency
 from scripts.grid import fov_grid
-from scripts.posterior import forward_operator, least_squares_consistency, posterior_sample
+from scripts.least_squares import least_squares_consistency
+from scripts.posterior import forward_operator, posterior_sample
 from scripts.volumes import spacing_of
 from tests.conftest import ROOT, monai_bundle
 

@@ -114,8 +114,8 @@ def test_degradation_picks_the_k_space_network_and_refuses_what_it_cannot_do():
         regression_for(nets, True, "ct", "kspace")
     with pytest.raises(InputError, match="own grid; drop --target_spacing"):
         regression_for(nets, False, "mr", "kspace")
-    with pytest.raises(InputError, match="must be one of noise, kspace, got 'blur'"):
-        regression_for(nets, True, "mr", "blur")
+    with pytest.raises(InputError, match="must be one of noise, kspace, blur, got 'motion'"):
+        regression_for(nets, True, "mr", "motion")
     with pytest.raises(InputError, match="no MR network"):
         regression_for({"regression": sr, "restoration": noise}, True, "mr", "kspace")
 

@@ -23,8 +23,8 @@ class EnhanceTask(InferTask):
     """Enhance the opened volume; the result is a NIfTI volume in the input's units (not a label map).
 
     Request keys (all optional, defaults in ``config()``): ``target_spacing`` ("sx,sy,sz" in mm, empty for the
-    input's), ``modality`` (ct|mr), ``degradation`` (noise|kspace: picks the same-grid network),
-    ``num_inference_steps``, ``seed``.
+    input's), ``modality`` (ct|mr), ``degradation`` (noise|kspace|blur: picks the same-grid network),
+    ``kernel`` (gaussian|box) and ``sigma_mm`` (its sigma or width) for ``blur``, ``num_inference_steps``, ``seed``.
     """
 
     def __init__(
@@ -38,7 +38,15 @@ class EnhanceTask(InferTask):
             labels=None,
             dimension=3,
             description="CT/MR enhancement (denoising, through-plane super-resolution)",
-            config={"target_spacing": "", "modality": "", "degradation": "noise", "num_inference_steps": 20, "seed": 0},
+            config={
+                "target_spacing": "",
+                "modality": "",
+                "degradation": "noise",
+                "kernel": "gaussian",
+                "sigma_mm": 1.0,
+                "num_inference_steps": 20,
+                "seed": 0,
+            },
         )
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else ROOT / "models"
         self.config_files, self.device = config_files, device
@@ -85,6 +93,10 @@ class EnhanceTask(InferTask):
                 target = [float(v) for v in spacing.split(",")] if spacing else None
             except ValueError as e:
                 raise InputError(f"target_spacing: expected 'sx,sy,sz' in mm, got {spacing!r}") from e
+            try:
+                sigma_mm = float(params.get("sigma_mm") or 1.0)
+            except ValueError as e:
+                raise InputError(f"sigma_mm: expected a size in mm, got {params.get('sigma_mm')!r}") from e
             result = enhance(
                 params["image"],
                 out,
@@ -92,6 +104,8 @@ class EnhanceTask(InferTask):
                 target_spacing=target,
                 modality=params.get("modality") or None,
                 degradation=str(params.get("degradation") or "noise"),
+                kernel=str(params.get("kernel") or "gaussian"),
+                sigma_mm=sigma_mm,
                 num_inference_steps=int(params["num_inference_steps"]),
                 seed=int(params["seed"]),
                 sliding_window=sliding_window,
