@@ -38,6 +38,7 @@ from scripts.autoencoder import (
     tiled_apply,
 )
 from scripts.baselines import resample
+from scripts.degradations import kspace_truncate
 from scripts.dicom import new_template, series_template, write_series
 from scripts.diffusion import ControlledDenoiser, unet_divisor
 from scripts.engine import autocast, run_network
@@ -199,6 +200,7 @@ def enhance_volume(
     degradation: str = "noise",
     kernel: str = "gaussian",
     sigma_mm: float = 1.0,
+    kspace_factor: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, str]:
     """Enhance a loaded ``(1, X, Y, Z)`` MetaTensor; return the mean, the std map (``num_samples > 1``), the
     output affine and the modality used. Values are in the input's units.
@@ -221,7 +223,9 @@ def enhance_volume(
     ``degradation`` names what a same-grid input suffers from (``DEGRADATIONS``), which picks the restoration
     network: the modality's denoiser for ``noise``, its ``<modality>_kspace`` network for ``kspace``. For ``blur``
     the input first gets the known-kernel least squares (``scripts.least_squares.deblur``: ``kernel`` gaussian or
-    box, ``sigma_mm`` its sigma or width), which the ``<modality>_blur`` network then refines.
+    box, ``sigma_mm`` its sigma or width), which the ``<modality>_blur`` network then refines. For ``kspace`` with
+    the truncation factor known (``kspace_factor``), ``consistency=True`` gives the output the input's k-space
+    where the input holds it (``kspace_consistency``).
     """
     device = torch.device(device)
     sw = {"roi_size": [256, 256, 32], "overlap": 0.25, "sampling_overlap": 0.5, **(sliding_window or {})}
@@ -234,8 +238,17 @@ def enhance_volume(
             f"--kernel, --sigma_mm: a blur is {' or '.join(BLUR_KERNELS)} of a size > 0 mm, got {kernel!r} of "
             f"{sigma_mm}"
         )
+    if degradation == "kspace" and kspace_factor is not None and not float(kspace_factor) >= 1:
+        raise InputError(f"--kspace_factor: the in-plane truncation factor is >= 1, got {kspace_factor}")
     modality = resolve_modality(image, modality)
     spacing = target_spacing_of(image, target_spacing)
+
+    def consistent(out: torch.Tensor) -> torch.Tensor:
+        observed = image.as_tensor()[0].float()
+        if degradation == "kspace" and kspace_factor is not None:
+            return kspace_consistency(out, observed, float(kspace_factor))
+        return data_consistency(out, observed)
+
     same_grid = bool(np.allclose(spacing, spacing_of(image.affine)))
     # stage A: the regression method's network, or the two-stage chain's (the one-stage latent chain has none)
     two_stage = method == "diffusion" and networks.get("regression") is not None
@@ -255,7 +268,7 @@ def enhance_volume(
             raise InputError("--method regression: no regression network given (networks 'regression'/'restoration')")
         out = denormalize(regress(peer, x, sw, device, amp, progress, networks.get("inferer"))[0].cpu(), params)
         if consistency:
-            out = data_consistency(out, image.as_tensor()[0].float())
+            out = consistent(out)
         return physical_range(out, image, modality), None, affine, modality
     if peer is not None:  # two-stage: the ControlNet restores regression's output
         x = regress(peer, x, sw, device, amp, progress, networks.get("inferer"))
@@ -302,7 +315,7 @@ def enhance_volume(
             decoded = image_in + decoded.float() - base
         out = denormalize(decoded[crop][0].float().cpu(), params)
         if consistency:
-            out = data_consistency(out, image.as_tensor()[0].float())
+            out = consistent(out)
         samples.append(physical_range(out, image, modality))
     stack = torch.stack(samples)
     std = stack.std(0) if len(samples) > 1 else None
@@ -409,6 +422,13 @@ def data_consistency(output: torch.Tensor, observed: torch.Tensor) -> torch.Tens
     return (output.double() + residual).to(output.dtype)
 
 
+def kspace_consistency(output: torch.Tensor, observed: torch.Tensor, factor: float) -> torch.Tensor:
+    """Give ``output`` the in-plane k-space of ``observed`` where ``observed`` holds it (the central ``1/factor``,
+    ``scripts.degradations.kspace_truncate``) and keep its own elsewhere: the projection ``x + P (y - x)`` onto the
+    volumes that truncate to the input, which cannot move the output away from a truth the input was cut from."""
+    return output + kspace_truncate(observed.to(output.dtype) - output, factor)
+
+
 def output_dtype(modality: str) -> str:
     """How an enhanced volume is stored: integer HU for CT, float32 for MR."""
     return "int16" if modality == "ct" else "float32"
@@ -435,6 +455,7 @@ def enhance(
     degradation: str = "noise",
     kernel: str = "gaussian",
     sigma_mm: float = 1.0,
+    kspace_factor: float | None = None,
 ) -> dict:
     """Enhance one file or DICOM series into ``output_image`` (NIfTI, atomic), plus ``*_std.nii.gz`` when
     ``num_samples > 1`` and a derived DICOM series in the folder ``output_dicom`` when given (patient and study
@@ -466,6 +487,7 @@ def enhance(
         degradation=degradation,
         kernel=kernel,
         sigma_mm=sigma_mm,
+        kspace_factor=kspace_factor,
     )
     outputs = {}
     try:

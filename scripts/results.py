@@ -128,9 +128,11 @@ def _degradation(task: str, networks: dict, modality: str) -> dict:
     ):
         logger.warning("%s: no %s_%s restoration network; the regression row is the denoiser's", task, modality, kind)
         return {"degradation": "noise"}
+    known = TASKS[task]["operator"]
     if kind == "blur":
-        known = TASKS[task]["operator"]
         return {"degradation": kind, "kernel": known["kernel"], "sigma_mm": known["sigma_mm"]}
+    if kind == "kspace":
+        return {"degradation": kind, "kspace_factor": known["factor"]}
     return {"degradation": kind}
 
 
@@ -348,9 +350,11 @@ def run(
                 restored["regression"] = _timed(
                     lambda: enhance_volume(image, regression, method="regression", **kind, **common)[0], device
                 )
-                if _is_sr(task):
+                if _is_sr(task) or "kspace_factor" in kind:
                     restored["regression + data consistency"] = _timed(
-                        lambda: enhance_volume(image, regression, method="regression", consistency=True, **common)[0],
+                        lambda: enhance_volume(
+                            image, regression, method="regression", consistency=True, **kind, **common
+                        )[0],
                         device,
                     )
             if ours is not None:

@@ -120,6 +120,31 @@ def test_degradation_picks_the_k_space_network_and_refuses_what_it_cannot_do():
         regression_for({"regression": sr, "restoration": noise}, True, "mr", "kspace")
 
 
+def test_k_space_consistency_gives_back_the_input_band_and_only_helps():
+    """``--degradation kspace --kspace_factor F`` with data consistency: the output truncates to the input exactly,
+    and it is never further from a truth the input was cut from than the network's output was."""
+    from monai.data import MetaTensor
+    from scripts.degradations import kspace_truncate
+    from scripts.enhance import enhance_volume, kspace_consistency
+    from scripts.errors import InputError
+
+    torch.manual_seed(0)
+    truth = 10 + torch.rand(32, 24, 6).cumsum(0)
+    observed = kspace_truncate(truth, 2.0)
+    guess = observed + 0.3 * torch.randn_like(truth)
+    fixed = kspace_consistency(guess, observed, 2.0)
+    torch.testing.assert_close(kspace_truncate(fixed, 2.0), observed, atol=1e-4, rtol=0)
+    assert (fixed - truth).norm() < (guess - truth).norm()
+    image = MetaTensor(observed[None], affine=torch.eye(4))
+    nets = {"regression": torch.nn.Identity(), "restoration": {"mr_kspace": torch.nn.Identity()}}
+    kw = {"modality": "mr", "method": "regression", "progress": False, "degradation": "kspace"}
+    kw["sliding_window"] = {"roi_size": [32, 24, 6]}
+    out = enhance_volume(image, nets, consistency=True, kspace_factor=2.0, **kw)[0]
+    torch.testing.assert_close(kspace_truncate(out[0], 2.0), observed, atol=1e-3, rtol=0)
+    with pytest.raises(InputError, match="--kspace_factor: the in-plane truncation factor is >= 1, got 0.5"):
+        enhance_volume(image, nets, consistency=True, kspace_factor=0.5, **kw)
+
+
 def test_the_k_space_override_trains_on_k_space_truncation_only():
     """``configs/train_restoration_mr_kspace.json``: MR volumes only, k-space truncation pairs, its own weights
     file (``restoration_mr_kspace.pt``, which the main job loads for ``--degradation kspace``)."""
