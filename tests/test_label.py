@@ -35,7 +35,7 @@ def test_infer_task_enhances_the_opened_image(crops, weights, tmp_path):
     assert not missing.is_valid()
 
 
-@pytest.mark.parametrize("problem", ["missing_image", "bad_spacing"])
+@pytest.mark.parametrize("problem", ["missing_image", "bad_spacing", "bad_kspace_factor"])
 def test_infer_task_answers_bad_input_with_a_422_and_the_reason(crops, weights, tmp_path, problem):
     """The user's image or settings are wrong: HTTP 422 whose detail is the one-line reason, and no output file."""
     from fastapi import HTTPException
@@ -45,10 +45,16 @@ def test_infer_task_answers_bad_input_with_a_422_and_the_reason(crops, weights, 
     request = {"image": str(crops / "c.nii.gz"), "target_spacing": "1,0,2", "num_inference_steps": 1}
     if problem == "missing_image":
         request.update(image=str(tmp_path / "gone.nii.gz"), target_spacing="")
+    if problem == "bad_kspace_factor":
+        request.update(target_spacing="", degradation="kspace", kspace_factor="two")
     before = set(Path(tempfile.gettempdir()).glob("*.nii.gz"))
     with pytest.raises(HTTPException) as raised:
         task(request)
-    expected = {"missing_image": "gone.nii.gz: no such file", "bad_spacing": "--target_spacing: must be three"}
+    expected = {
+        "missing_image": "gone.nii.gz: no such file",
+        "bad_spacing": "--target_spacing: must be three",
+        "bad_kspace_factor": "kspace_factor: expected numbers, got 1.0, 'two'",
+    }
     assert raised.value.status_code == 422 and raised.value.detail.startswith("error: ")
     assert expected[problem] in raised.value.detail
     assert set(Path(tempfile.gettempdir()).glob("*.nii.gz")) == before

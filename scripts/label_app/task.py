@@ -24,7 +24,8 @@ class EnhanceTask(InferTask):
 
     Request keys (all optional, defaults in ``config()``): ``target_spacing`` ("sx,sy,sz" in mm, empty for the
     input's), ``modality`` (ct|mr), ``degradation`` (noise|kspace|blur: picks the same-grid network),
-    ``kernel`` (gaussian|box) and ``sigma_mm`` (its sigma or width) for ``blur``, ``num_inference_steps``, ``seed``.
+    ``kernel`` (gaussian|box) and ``sigma_mm`` (its sigma or width) for ``blur``, ``kspace_factor`` (the truncation
+    factor, if known, for ``kspace``), ``num_inference_steps``, ``seed``.
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class EnhanceTask(InferTask):
                 "degradation": "noise",
                 "kernel": "gaussian",
                 "sigma_mm": 1.0,
+                "kspace_factor": "",
                 "num_inference_steps": 20,
                 "seed": 0,
             },
@@ -95,8 +97,12 @@ class EnhanceTask(InferTask):
                 raise InputError(f"target_spacing: expected 'sx,sy,sz' in mm, got {spacing!r}") from e
             try:
                 sigma_mm = float(params.get("sigma_mm") or 1.0)
+                kspace_factor = float(params["kspace_factor"]) if params.get("kspace_factor") else None
             except ValueError as e:
-                raise InputError(f"sigma_mm: expected a size in mm, got {params.get('sigma_mm')!r}") from e
+                raise InputError(
+                    f"sigma_mm, kspace_factor: expected numbers, got {params.get('sigma_mm')!r}, "
+                    f"{params.get('kspace_factor')!r}"
+                ) from e
             result = enhance(
                 params["image"],
                 out,
@@ -106,6 +112,7 @@ class EnhanceTask(InferTask):
                 degradation=str(params.get("degradation") or "noise"),
                 kernel=str(params.get("kernel") or "gaussian"),
                 sigma_mm=sigma_mm,
+                kspace_factor=kspace_factor,
                 num_inference_steps=int(params["num_inference_steps"]),
                 seed=int(params["seed"]),
                 sliding_window=sliding_window,
