@@ -133,6 +133,20 @@ def test_blur_has_the_requested_size_in_mm():
     np.testing.assert_allclose(box[18:23].numpy(), [0.125, 0.25, 0.25, 0.25, 0.125])
 
 
+def test_blur_as_shifted_sums_matches_a_convolution():
+    """``blur`` sums shifted views (fast on a CPU); it is the replicate-padded convolution it replaced."""
+    import torch.nn.functional as F
+    from scripts.degradations import _convolve_axis
+
+    x = torch.randn(2, 9, 7, 5, dtype=torch.float64)
+    taps = np.array([0.1, 0.5, 0.3, 0.05, 0.05])  # not symmetric: the orientation counts
+    for dim in (1, 2, 3):
+        moved = torch.movedim(x, dim, -1)
+        flat = F.pad(moved.reshape(-1, 1, moved.shape[-1]), (2, 2), mode="replicate")
+        ref = F.conv1d(flat, torch.as_tensor(taps).flip(0)[None, None]).reshape(moved.shape)
+        torch.testing.assert_close(_convolve_axis(x, taps, dim), torch.movedim(ref, -1, dim))
+
+
 def test_fbp_inverts_radon_on_a_disk():
     h = w = 64
     yy, xx = torch.meshgrid(torch.arange(h) - 31.5, torch.arange(w) - 31.5, indexing="ij")
