@@ -85,8 +85,8 @@ def _kernel_taps(kind: str, size_vox: float) -> np.ndarray:
 
 
 def _convolve_axis(x: torch.Tensor, taps: np.ndarray, dim: int) -> torch.Tensor:
-    """Convolve along ``dim`` with replicated edges, as a weighted sum of shifted views: several times faster on
-    CPU than ``conv1d`` over millions of one-channel rows, and differentiable (the adjoint of least squares)."""
+    """Convolve along ``dim`` with replicated edges, as a weighted sum of shifted views (on a CPU, ``conv1d`` over
+    millions of one-channel rows is slow); differentiable, for the adjoint of least squares."""
     if len(taps) == 1:
         return x
     r, n = len(taps) // 2, x.shape[dim]

@@ -97,7 +97,7 @@ class RandBlurLeastSquaresd(RandomizableTransform, MapTransform):
     """Deblurring training pairs on a crop: ``condition`` becomes ``deblur(blur(image))`` with a kernel drawn as
     ``scripts.degradations.RandBlurd`` draws it, so that the network learns what least squares leaves (ringing,
     the detail the kernel removed) from the same first step the main job runs. Runs after cropping (least
-    squares over a whole slab would cost a minute a sample); the crop's own edges are replicated."""
+    squares over a whole training slab would dominate the step); the crop's own edges are replicated."""
 
     def __init__(
         self,
