@@ -149,35 +149,26 @@ RES_INIT_MR :=
 RES_ARGS = --datalist $(R)/lowdose/datalist.json --ckpt_dir $(R)/models --batch_size 2 --max_epochs $(RES_EPOCHS) \
 	--epoch_length 150 --val_interval 1 --lr $(RES_LR) --max_seconds $(RES_SECONDS) --patience 4
 release-restoration: release-restoration-mr release-restoration-ct
+# $(call restoration,NAME,OVERRIDE,INIT): train NAME (restoration_ct, ...) with train_restoration.json plus the
+# OVERRIDE config (none for CT low dose), from INIT weights when given, else resuming; log in $(R)/logs/NAME.log.
+restoration = mkdir -p $(R)/logs && $(RUN) training --config_file "['configs/train_regression.json', \
+	'configs/train_restoration.json'$(if $(2),$(comma)'configs/$(2)')]" $(RES_ARGS) --output_dir $(R)/$(1) \
+	$(if $(3),--init_weights $(3),--resume auto) >> $(R)/logs/$(1).log 2>&1
+comma := ,
 release-restoration-ct: $(STAMP)
-	mkdir -p $(R)/logs
-	$(RUN) training --config_file "['configs/train_regression.json','configs/train_restoration.json']" \
-	    $(RES_ARGS) --output_dir $(R)/restoration_ct \
-	    $(if $(RES_INIT_CT),--init_weights $(RES_INIT_CT),--resume auto) >> $(R)/logs/restoration_ct.log 2>&1
+	$(call restoration,restoration_ct,,$(RES_INIT_CT))
 release-restoration-mr: $(STAMP)
-	mkdir -p $(R)/logs
-	$(RUN) training --config_file \
-	    "['configs/train_regression.json','configs/train_restoration.json','configs/train_restoration_mr.json']" \
-	    $(RES_ARGS) --output_dir $(R)/restoration_mr \
-	    $(if $(RES_INIT_MR),--init_weights $(RES_INIT_MR),--resume auto) >> $(R)/logs/restoration_mr.log 2>&1
+	$(call restoration,restoration_mr,train_restoration_mr.json,$(RES_INIT_MR))
 # MR k-space truncation (models/restoration_mr_kspace.pt, the main job's --degradation kspace): the same network on
 # in-plane k-space truncation pairs (factors 1-3), from its near-identity start.
 RES_INIT_MR_KSPACE :=
 release-restoration-mr-kspace: $(STAMP)
-	mkdir -p $(R)/logs
-	$(RUN) training --config_file "['configs/train_regression.json','configs/train_restoration.json', \
-	    'configs/train_restoration_mr_kspace.json']" $(RES_ARGS) --output_dir $(R)/restoration_mr_kspace \
-	    $(if $(RES_INIT_MR_KSPACE),--init_weights $(RES_INIT_MR_KSPACE),--resume auto) \
-	    >> $(R)/logs/restoration_mr_kspace.log 2>&1
+	$(call restoration,restoration_mr_kspace,train_restoration_mr_kspace.json,$(RES_INIT_MR_KSPACE))
 # CT deblurring (models/restoration_ct_blur.pt, the main job's --degradation blur): the same network refines the
 # known-kernel least squares of Gaussian and box blurs of 0.5-2 mm, from its near-identity start.
 RES_INIT_CT_BLUR :=
 release-restoration-ct-blur: $(STAMP)
-	mkdir -p $(R)/logs
-	$(RUN) training --config_file "['configs/train_regression.json','configs/train_restoration.json', \
-	    'configs/train_restoration_ct_blur.json']" $(RES_ARGS) --output_dir $(R)/restoration_ct_blur \
-	    $(if $(RES_INIT_CT_BLUR),--init_weights $(RES_INIT_CT_BLUR),--resume auto) \
-	    >> $(R)/logs/restoration_ct_blur.log 2>&1
+	$(call restoration,restoration_ct_blur,train_restoration_ct_blur.json,$(RES_INIT_CT_BLUR))
 
 # The results table of the release on the validation volumes (classical baselines and the regression stage);
 # RESULTS_TASKS picks tasks (the super-resolution ones: RESULTS_TASKS=$(SR_TASKS)), RESULTS_DIR the folder under $(R).

@@ -9,14 +9,12 @@ with the blur the user names, whose output the deblurring network (``restoration
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import MapTransform, RandomizableTransform
-from scripts.degradations import blur
-from scripts.volumes import spacing_of
+from monai.config import KeysCollection
+from scripts.degradations import RandBlurd, blur
 from skimage.restoration import estimate_sigma
 
 BLUR_KERNELS = ("gaussian", "box")
@@ -93,35 +91,26 @@ def deblur(
     )
 
 
-class RandBlurLeastSquaresd(RandomizableTransform, MapTransform):
-    """Deblurring training pairs on a crop: ``condition`` becomes ``deblur(blur(image))`` with a kernel drawn as
-    ``scripts.degradations.RandBlurd`` draws it, so that the network learns what least squares leaves (ringing,
-    the detail the kernel removed) from the same first step the main job runs. Runs after cropping (least
-    squares over a whole training slab would dominate the step); the crop's own edges are replicated."""
+class RandBlurLeastSquaresd(RandBlurd):
+    """``RandBlurd`` followed by the drawn kernel's least squares (``deblur``): the deblurring network's input, made
+    as the main job makes it, so that the network learns what least squares leaves (ringing, the detail the kernel
+    removed). ``configs/train_restoration_ct_blur.json`` applies it to each crop's ``condition`` (still a copy of
+    the image there): least squares over a whole training slab would dominate the step. The crop's own edges are
+    replicated."""
 
     def __init__(
         self,
-        image_key: str = "image",
-        condition_key: str = "condition",
+        keys: KeysCollection = "condition",
         size_mm_range: Sequence[float] = (0.5, 2.0),
         kernels: Sequence[str] = BLUR_KERNELS,
         max_iters: int = 20,
+        prob: float = 1.0,
+        allow_missing_keys: bool = False,
     ) -> None:
-        MapTransform.__init__(self, [condition_key])
-        RandomizableTransform.__init__(self, 1.0)
-        self.image_key, self.condition_key = image_key, condition_key
-        self.size_mm_range, self.kernels, self.max_iters = size_mm_range, list(kernels), int(max_iters)
+        super().__init__(keys, size_mm_range, kernels, prob, allow_missing_keys)
+        self.max_iters = int(max_iters)
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        image = d[self.image_key]
-        lo, hi = float(self.size_mm_range[0]), float(self.size_mm_range[-1])
-        size_mm = lo if hi <= lo else float(self.R.uniform(lo, hi))
-        kernel = str(self.R.choice(self.kernels))
-        spacing = spacing_of(image.affine) if isinstance(image, MetaTensor) else np.ones(3)
-        plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+    def apply(self, img: torch.Tensor, spacing: np.ndarray, params: dict) -> torch.Tensor:
         with torch.no_grad():
-            out = deblur(blur(plain.float(), size_mm, spacing, kernel), spacing, size_mm, kernel, self.max_iters)
-        condition = d[self.condition_key]
-        d[self.condition_key] = MetaTensor(out, meta=dict(condition.meta)) if isinstance(condition, MetaTensor) else out
-        return d
+            blurred = super().apply(img.float(), spacing, params)
+            return deblur(blurred, spacing, params["size_mm"], params["kernel"], self.max_iters)
