@@ -9,7 +9,8 @@ neighbouring planes as extra input channels, and averages the two residuals. Eve
 with neighbouring slices as channels, and the three residuals are averaged: the denoisers' setting, where the
 in-plane grid is the finest and low-dose CT noise is correlated within a slice (its streaks). Training feeds it
 planes cut from the 3D training pairs (``plane_pairs``), which costs a tenth of a 3D step per supervised voxel; a
-volume goes through ``forward`` as a whole.
+volume goes through ``forward`` as a whole. With ``widths`` each CNN is a small 2D U-Net (``PlaneUNet``) instead:
+the MR denoiser's, which needs to see more of a plane than the plain stack's 25 pixels.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["PlaneResidualNet", "axial_windows", "plane_pairs", "prepare_batch"]
+__all__ = ["PlaneResidualNet", "PlaneUNet", "axial_windows", "plane_pairs", "prepare_batch"]
+
+
+class _PlainCNN(nn.Sequential):
+    def first_weight(self) -> torch.Tensor:
+        return self[0].weight
 
 
 def _plain_cnn(in_channels: int, channels: int, layers: int) -> nn.Sequential:
@@ -31,7 +37,52 @@ def _plain_cnn(in_channels: int, channels: int, layers: int) -> nn.Sequential:
     for conv in body[:-1:2]:  # He initialisation: PyTorch's default shrinks a plain ReLU stack layer by layer
         nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
         nn.init.zeros_(conv.bias)
-    return nn.Sequential(*body)
+    return _PlainCNN(*body)
+
+
+class PlaneUNet(nn.Module):
+    """A 2D U-Net with one output channel and no normalisation: two 3x3 convolutions with ReLUs per level, average
+    pooling down, bilinear upsampling and concatenated skips up, He-initialised. Its receptive field grows with
+    each level at a quarter of the cost per pixel, where the plain stack's grows by 2 pixels per layer. Any plane
+    size: planes are edge-padded to a multiple of ``2 ** (len(widths) - 1)`` and cropped back."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int]) -> None:
+        super().__init__()
+        ins = [in_channels, *widths[:-1]]
+        self.down = nn.ModuleList(_conv_pair(i, o) for i, o in zip(ins, widths))
+        deepest_first = reversed(range(len(widths) - 1))
+        self.up = nn.ModuleList(_conv_pair(widths[i] + widths[i + 1], widths[i]) for i in deepest_first)
+        self.head = nn.Conv2d(widths[0], 1, 3, padding=1)
+        for conv in self.modules():
+            if isinstance(conv, nn.Conv2d):
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+        self.multiple = 2 ** (len(widths) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2], x.shape[-1]
+        x = nn.functional.pad(x, (0, -w % self.multiple, 0, -h % self.multiple), mode="replicate")
+        skips: list[torch.Tensor] = []
+        for level, down in enumerate(self.down):
+            x = down(x if level == 0 else nn.functional.avg_pool2d(x, 2))
+            skips.append(x)
+        for i, up in enumerate(self.up):
+            skip = skips[len(skips) - 2 - i]
+            x = nn.functional.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = up(torch.cat([x, skip], 1))
+        return self.head(x)[..., :h, :w]
+
+    def first_weight(self) -> torch.Tensor:
+        return self.down[0][0].weight
+
+
+def _conv_pair(in_channels: int, channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, channels, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(channels, channels, 3, padding=1),
+        nn.ReLU(inplace=True),
+    )
 
 
 class PlaneResidualNet(nn.Module):
@@ -46,15 +97,30 @@ class PlaneResidualNet(nn.Module):
         chunk: planes per forward pass when a volume is processed (bounds the memory of inference).
         axial: add the x-y plane CNN (``axial_body``). Weights without it (a two-view network's) load into it
             with ``axial_body`` a copy of ``body``: the warm start of a three-view network.
+        widths: when given, each CNN is a ``PlaneUNet`` with these widths per level instead of the plain stack
+            (``channels`` and ``layers`` are then unused): the MR denoiser's, whose plain stack saw too little of
+            a plane to match BM4D (docs, "Release run 0.19.0").
     """
 
     def __init__(
-        self, channels: int = 48, layers: int = 12, context: int = 2, chunk: int = 64, axial: bool = False
+        self,
+        channels: int = 48,
+        layers: int = 12,
+        context: int = 2,
+        chunk: int = 64,
+        axial: bool = False,
+        widths: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.context, self.chunk = context, chunk
-        self.body = _plain_cnn(2 * context + 1, channels, layers)
-        self.axial_body = _plain_cnn(2 * context + 1, channels, layers) if axial else None
+
+        def cnn() -> nn.Module:
+            if widths:
+                return PlaneUNet(2 * context + 1, widths)
+            return _plain_cnn(2 * context + 1, channels, layers)
+
+        self.body = cnn()
+        self.axial_body = cnn() if axial else None
         if axial:
             self.register_load_state_dict_pre_hook(_axial_from_body)
 
@@ -83,7 +149,7 @@ class PlaneResidualNet(nn.Module):
         stack = stack.movedim(axis - 1, 1).movedim(-1, 2)  # (B, n, 2c+1, H, W)
         b, n, h, w = stack.shape[0], stack.shape[1], stack.shape[3], stack.shape[4]
         planes = stack.reshape(b * n, 2 * c + 1, h, w)
-        weight = self.body[0].weight  # both CNNs are prepared alike (scripts.engine.prepare_network)
+        weight = self.body.first_weight()  # both CNNs are prepared alike (scripts.engine.prepare_network)
         last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
         chunks = []
         for i in range(0, b * n, self.chunk):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from scripts.regression import PlaneResidualNet, axial_windows, plane_pairs
+from scripts.regression import PlaneResidualNet, PlaneUNet, axial_windows, plane_pairs
 from scripts.trainers import identity_start
 from tests.conftest import ROOT, monai_bundle, tracked_training
 from tests.test_pipeline import _run
@@ -341,3 +341,22 @@ def test_each_restoration_network_loads_its_own_weights(tmp_path):
     assert restoration["mr"] is not restoration["mr_kspace"] and restoration["ct"] is None
     for key, name in (("mr", "restoration_mr"), ("mr_kspace", "restoration_mr_kspace")):
         torch.testing.assert_close(restoration[key].state_dict(), weights[name])
+
+
+def test_unet_planes_keep_any_shape_and_start_as_the_identity():
+    """``widths``: each view's CNN is a ``PlaneUNet``; planes of any size (here not a multiple of 4) come back
+    in their shape, an output pixel depends on input 20 pixels away (the plain 12-layer stack reaches 12),
+    ``identity_start`` makes the volume network the identity, and it scripts for export."""
+    torch.manual_seed(0)
+    unet = PlaneUNet(5, (4, 8, 8)).eval()
+    planes = torch.randn(3, 5, 30, 7, requires_grad=True)
+    out = unet(planes)
+    assert out.shape == (3, 1, 30, 7)
+    out[0, 0, 0, 0].backward()
+    assert planes.grad[0, :, 20].abs().sum() > 0 and planes.grad[1].abs().sum() == 0
+    net = PlaneResidualNet(context=2, axial=True, widths=(4, 8, 8)).eval()
+    assert isinstance(net.body, PlaneUNet) and isinstance(net.axial_body, PlaneUNet)
+    x = torch.randn(1, 1, 11, 9, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(net)(x), net(x))
+        torch.testing.assert_close(identity_start(net, 0.0)(x), x)
