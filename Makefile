@@ -139,7 +139,7 @@ release-regression: $(STAMP)
 # learnt MR's Rician bias and subtracted it from CT too; one for CT noise and blur together stayed at its identity
 # start (the two residuals have opposite signs): both were worse than their input on validation.
 # The main job runs them when the grid does not change. The MR denoiser's two CNNs are U-Nets (restoration_mr_def
-# in configs/inference.json, since 0.19.0): the plain stack's 25-pixel receptive field stayed 1.5-2.2 dB under BM4D.
+# in configs/inference.json, since 0.19.0): 0.1-0.2 dB over the plain stack; both stay under BM4D.
 # A continuation from shipped weights: a lower RES_LR and RES_EPOCHS that fit RES_SECONDS, so that the cosine
 # schedule ends within the run.
 RES_SECONDS := 2400
