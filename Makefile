@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-bm4d lint format label-server demo test bench study study-mr study-autoencoder study-autoencoder-ceilings release-data release-regression release-restoration release-restoration-ct release-restoration-mr release-restoration-mr-kspace release-restoration-ct-blur release-results stress-ddp device-kit clean
+.PHONY: install install-bm4d lint format label-server demo test bench study study-mr study-autoencoder study-autoencoder-ceilings study-two-stage study-two-stage-controlnets study-two-stage-results release-data release-regression release-restoration release-restoration-ct release-restoration-mr release-restoration-mr-kspace release-restoration-ct-blur release-results stress-ddp device-kit clean
 
 install: $(STAMP)
 
@@ -183,23 +183,24 @@ release-results: $(STAMP)
 	    --output_dir $(R)/$(RESULTS_DIR) --methods "['classical','regression']" --tasks $(RESULTS_TASKS) \
 	    > $(R)/logs/$(RESULTS_DIR).log 2>&1
 
-# 2.5D against 3D autoencoder at equal CPU time (AE_SECONDS each, same widths 16/32/64, same patches), both on the
-# release training volumes; then the autoencoder ceiling (plain, residual decoding, data consistency) on the
+# 2.5D against 3D autoencoder at equal CPU time (AE_SECONDS each, run side by side with one thread each; same
+# widths 16/32/64, same patches), both on the release training volumes; then the autoencoder ceiling (plain, residual decoding, data consistency) on the
 # release validation volumes: CT 5 -> 10 mm (lung1), 3 -> 6 mm (IBSI), MR 1 -> 4 mm (child brain MPRAGE).
 A := outputs/study_autoencoder
 AE_SECONDS := 900
-AE_TRAIN := --max_epochs 1000 --epoch_length 20 --val_interval 2 --lr 0.0005 --batch_size 1 \
+AE_TRAIN := --max_epochs 1000 --epoch_length 50 --val_interval 2 --lr 0.0005 --batch_size 1 \
 	--patch_size "[96,96,32]" --max_seconds $(AE_SECONDS) --adv_weight 0
 study-autoencoder: $(STAMP)
 	mkdir -p $(A)/logs
 	$(PY) -m scripts.datalist release ../shared/data $(A)/datalist_train.json --keep_validation "['ibsi_sts012_ct.nii.gz']"
 	$(PY) -m scripts.datalist release ../shared/data $(A)/datalist.json
-	$(RUN) training --config_file "['configs/train_autoencoder.json','configs/small.json']" \
+	OMP_NUM_THREADS=1 $(RUN) training --config_file "['configs/train_autoencoder.json','configs/small.json']" \
 	    --datalist $(A)/datalist_train.json --ckpt_dir $(A)/3d --output_dir $(A)/3d_tb $(AE_TRAIN) \
-	    > $(A)/logs/3d.log 2>&1
-	$(RUN) training --config_file "['configs/train_autoencoder.json','configs/small.json','configs/slice_autoencoder.json']" \
-	    --datalist $(A)/datalist_train.json --ckpt_dir $(A)/slice --output_dir $(A)/slice_tb $(AE_TRAIN) \
-	    > $(A)/logs/slice.log 2>&1
+	    > $(A)/logs/3d.log 2>&1 & a=$$!; \
+	OMP_NUM_THREADS=1 $(RUN) training --config_file "['configs/train_autoencoder.json','configs/small.json', \
+	    'configs/slice_autoencoder.json']" --datalist $(A)/datalist_train.json --ckpt_dir $(A)/slice \
+	    --output_dir $(A)/slice_tb $(AE_TRAIN) > $(A)/logs/slice.log 2>&1 & b=$$!; \
+	wait $$a && wait $$b
 	$(MAKE) study-autoencoder-ceilings
 
 # The ceilings alone (the centre 192x192 of each validation slice, every slice), after study-autoencoder's training.
@@ -210,6 +211,43 @@ study-autoencoder-ceilings: $(STAMP)
 	    --network_configs "[$$cfg]" --output_dir $(A)/results_$$v --methods "['classical','autoencoder ceiling']" \
 	    --tasks "['ct_sr_5to10mm','ct_sr_3to6mm','mr_sr_1to4mm']" --crop "[192,192,-1]" \
 	    > $(A)/logs/results_$$v.log 2>&1 || exit 1; done
+
+# The two-stage chain against the one-stage ControlNet at study scale, on study-autoencoder's slice-wise
+# autoencoder: its latents of the release training volumes, the small latent prior (CHAIN_SECONDS), then the two
+# ControlNets side by side with one thread each (CHAIN_SECONDS each, thick-slice pairs): the one-stage one
+# conditioned on the interpolated input, the two-stage one on the shipped super-resolution network's output
+# (models/model.pt, frozen); then the results table on the held-out volumes (CHAIN_TASKS, centre 192x192).
+C := outputs/study_chain
+CHAIN_SECONDS := 1500
+CHAIN_NETS := 'configs/small.json','configs/slice_autoencoder.json','configs/shipped_regression.json'
+CHAIN_TASKS := ['ct_sr_3to6mm','mr_sr_1to4mm']
+CHAIN_CONTROLNET = OMP_NUM_THREADS=1 $(RUN) training --config_file "['configs/train_controlnet.json',$(CHAIN_NETS)]" \
+	--datalist $(A)/datalist_train.json --degradations "%configs/train_regression.json\#degradations" \
+	--max_epochs 1000 --epoch_length 50 --val_interval 2 --lr 0.0005 --max_seconds $(CHAIN_SECONDS)
+study-two-stage: $(STAMP)
+	mkdir -p $(C)/logs $(C)/models
+	cp $(A)/slice/autoencoder.pt $(A)/slice/autoencoder_scale.json models/model.pt $(C)/models/
+	$(RUN) --config_file "['configs/prepare_latents.json',$(CHAIN_NETS)]" --datalist $(A)/datalist_train.json \
+	    --ckpt_dir $(C)/models --output_dir $(C)/latents > $(C)/logs/latents.log 2>&1
+	$(RUN) training --config_file "['configs/train_diffusion.json',$(CHAIN_NETS)]" \
+	    --datalist $(C)/latents/datalist_latents.json --ckpt_dir $(C)/models --output_dir $(C)/diffusion \
+	    --max_epochs 1000 --epoch_length 50 --val_interval 2 --lr 0.0005 --ema_decay 0.99 \
+	    --max_seconds $(CHAIN_SECONDS) > $(C)/logs/diffusion.log 2>&1
+	$(MAKE) study-two-stage-controlnets study-two-stage-results
+
+study-two-stage-controlnets: $(STAMP)
+	mkdir -p $(C)/one $(C)/two && cp $(C)/models/* $(C)/one/ && cp $(C)/models/* $(C)/two/
+	$(CHAIN_CONTROLNET) --ckpt_dir $(C)/one --output_dir $(C)/one_tb > $(C)/logs/one.log 2>&1 & a=$$!; \
+	$(CHAIN_CONTROLNET) --ckpt_dir $(C)/two --output_dir $(C)/two_tb --two_stage true > $(C)/logs/two.log 2>&1 & b=$$!; \
+	wait $$a && wait $$b
+
+study-two-stage-results: $(STAMP)
+	$(RUN) --config_file configs/results.json --datalist $(A)/datalist.json --ckpt_dir $(C)/one \
+	    --two_stage_ckpt_dir $(C)/two --network_configs "[$(CHAIN_NETS)]" --output_dir $(C)/results \
+	    --methods "['classical','autoencoder ceiling','regression','ours + residual decoding','two-stage','two-stage mean']" \
+	    --tasks "$(CHAIN_TASKS)" --crop "[192,192,-1]" \
+	    --sliding_window "{'roi_size': [192, 192, 32], 'overlap': 0.25, 'sampling_overlap': 0.5}" \
+	    > $(C)/logs/results.log 2>&1
 
 # For training on the development GPU machine (the library's device tool; its Python 3.12 has torch but not these):
 # the missing wheels in .whl/ and the development region split in .data/regions/, both git-ignored, about 28 MB

@@ -102,7 +102,11 @@ METHODS = (
     "ours mean",
     "posterior",
     "posterior from the input",
+    "two-stage",
+    "two-stage mean",
 )
+# the chain over the regression output (``--two_stage true``), at the main job's defaults, with its own ControlNet
+TWO_STAGE_METHODS = {"two-stage", "two-stage mean"}
 LATENT_METHODS = {
     "autoencoder ceiling",
     "ours",
@@ -151,13 +155,13 @@ def fits(task: str, affine: np.ndarray) -> bool:
 
 
 def load_networks(
-    config_files: Sequence[str], ckpt_dir: str, device: str, only: Sequence[str] | None = None
+    config_files: Sequence[str], ckpt_dir: str, device: str, only: Sequence[str] | None = None, **overrides
 ) -> dict | None:
-    """``networks`` of the main-job configs with weights from ``ckpt_dir`` (or just the entries ``only``);
-    ``None`` (logged) if any is missing."""
+    """``networks`` of the main-job configs with weights from ``ckpt_dir`` (or just the entries ``only``), with
+    config ``overrides``; ``None`` (logged) if any is missing."""
     try:
         parser = inference_parser(
-            config_files, load_networks=only is None, ckpt_dir=str(Path(ckpt_dir).resolve()), device=device
+            config_files, load_networks=only is None, ckpt_dir=str(Path(ckpt_dir).resolve()), device=device, **overrides
         )
         if only is not None:
             return {k: parser.get_parsed_content(k) for k in only}
@@ -237,6 +241,7 @@ def run(
     consistency_iters: int = 20,
     posterior_step_size: float = 0.5,
     amp: bool = True,
+    two_stage_ckpt_dir: str | None = None,
 ) -> dict:
     """Run, score and time every method on every validation volume; write ``results.md``/``results.json``.
 
@@ -248,6 +253,10 @@ def run(
     ``consistency_iters`` is posterior sampling's image-space finish (``configs/inference_posterior.json``),
     reported as its own row and applied to the classical start and the autoencoder ceiling as well.
     ``amp``: the networks under ``scripts.engine``'s autocast, as the main job runs them (``--amp``).
+    "two-stage" and "two-stage mean" run the chain of ``--two_stage true`` (the regression network, then the
+    ControlNet on its output) at the main job's defaults (``strength``, residual decoding, data consistency on
+    super-resolution), one sample and the mean of ``num_samples``; its networks come from ``two_stage_ckpt_dir``
+    (default ``ckpt_dir``), as its ControlNet is trained on the regression output rather than on the input.
     """
     net_cfgs = list(network_configs)
     tasks = list(tasks or TASKS)
@@ -271,6 +280,14 @@ def run(
         )
     if "regression" in methods:
         regression = load_networks(["configs/inference.json", *net_cfgs], ckpt_dir, device)
+    chain = None
+    if TWO_STAGE_METHODS & set(methods):
+        chain = load_networks(
+            ["configs/inference.json", "configs/inference_diffusion.json", *net_cfgs],
+            two_stage_ckpt_dir or ckpt_dir,
+            device,
+            two_stage=True,
+        )
     if sliding_window is None:
         parser = inference_parser(["configs/inference.json", *net_cfgs], load_networks=False)
         sliding_window = parser.get_parsed_content("sliding_window")
@@ -388,6 +405,19 @@ def run(
                     restored[f"ours mean of {num_samples}"] = _timed(
                         lambda: enhance_volume(image, ours, num_samples=num_samples, **common)[0], device
                     )
+            if chain is not None:
+                defaults = {"strength": strength, "residual_decoding": True, "consistency": _is_sr(task)}
+                label = f"strength {strength:g} + residual decoding" + (" + data consistency" if _is_sr(task) else "")
+                kind = _degradation(task, chain, modality)
+                if "two-stage" in methods:
+                    restored[f"two-stage, {label}"] = _timed(
+                        lambda: enhance_volume(image, chain, **defaults, **kind, **common)[0], device
+                    )
+                if "two-stage mean" in methods and num_samples > 1:
+                    restored[f"two-stage mean of {num_samples}, {label}"] = _timed(
+                        lambda: enhance_volume(image, chain, num_samples=num_samples, **defaults, **kind, **common)[0],
+                        device,
+                    )
             if posterior_nets is not None:
                 runs = [
                     (name, st)
@@ -469,7 +499,7 @@ def _task_montage(
     task: str,
 ) -> None:
     """Input (``on_grid``: on the reference grid), the best classical method, the regression peer, ours, the
-    reference."""
+    two-stage chain's one sample, the reference."""
     classical = classical - {"degraded input"}
     panels = {"input": on_grid}
     if classical:
@@ -478,6 +508,8 @@ def _task_montage(
     for m in ("regression", "ours"):
         if m in restored:
             panels[m] = restored[m][0]
+    for m in [m for m in restored if m.startswith("two-stage, ")]:
+        panels["two-stage"] = restored[m][0]
     panels["reference"] = x
     montage(panels, affine, path, display_window(x.numpy(), modality), title=task)
 

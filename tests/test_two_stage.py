@@ -135,3 +135,37 @@ def test_controlnet_trains_two_stage_with_the_frozen_regression_network(crops, w
         os.chdir(cwd)
     assert (ckpt / "controlnet.pt").is_file()
     assert all(torch.equal(after[k].cpu(), v) for k, v in before.items())  # stage A stays frozen
+
+
+def test_results_rows_of_the_chain_come_from_its_own_ckpt_dir(crops, weights, tmp_path):
+    """The results table's two-stage rows load the chain from ``two_stage_ckpt_dir`` (its ControlNet is trained on
+    the regression output) at the main job's defaults: one sample, and the mean of ``num_samples``."""
+    from scripts.results import run
+
+    ckpt = _with_regression(weights, tmp_path)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"validation": [{"image": str(crops / "c.nii.gz"), "modality": "ct"}]}))
+    out = tmp_path / "results"
+    summary = run(
+        str(datalist),
+        str(tmp_path / "no_weights"),
+        str(out),
+        ["configs/tiny.json"],
+        ["ct_sr_5to10mm"],
+        methods=["two-stage", "two-stage mean"],
+        num_inference_steps=2,
+        num_samples=2,
+        two_stage_ckpt_dir=str(ckpt),
+    )
+    label = "strength 0.5 + residual decoding + data consistency"
+    metrics = summary["cases"]["c/ct_sr_5to10mm"]["metrics"]
+    assert set(metrics) == {f"two-stage, {label}", f"two-stage mean of 2, {label}"}
+    assert all(np.isfinite(m["psnr"]) for m in metrics.values())
+    task = out / "c" / "ct_sr_5to10mm"
+    one, mean = (
+        nib.load(task / f"two_stage{m}_strength_0_5_plus_residual_decoding_plus_data_consistency.nii.gz")
+        for m in ("", "_mean_of_2")
+    )
+    assert one.shape == mean.shape == nib.load(task / "reference.nii.gz").shape
+    assert not np.allclose(one.get_fdata(), mean.get_fdata())  # the mean holds a second sample
+    assert (task / "ct_sr_5to10mm.png").stat().st_size > 0
