@@ -187,7 +187,7 @@ release-results: $(STAMP)
 # widths 16/32/64, same patches), both on the release training volumes; then the autoencoder ceiling (plain, residual decoding, data consistency) on the
 # release validation volumes: CT 5 -> 10 mm (lung1), 3 -> 6 mm (IBSI), MR 1 -> 4 mm (child brain MPRAGE).
 A := outputs/study_autoencoder
-AE_SECONDS := 900
+AE_SECONDS := 2700
 AE_TRAIN := --max_epochs 1000 --epoch_length 50 --val_interval 2 --lr 0.0005 --batch_size 1 \
 	--patch_size "[96,96,32]" --max_seconds $(AE_SECONDS) --adv_weight 0
 study-autoencoder: $(STAMP)
@@ -201,6 +201,8 @@ study-autoencoder: $(STAMP)
 	    'configs/slice_autoencoder.json']" --datalist $(A)/datalist_train.json --ckpt_dir $(A)/slice \
 	    --output_dir $(A)/slice_tb $(AE_TRAIN) > $(A)/logs/slice.log 2>&1 & b=$$!; \
 	wait $$a && wait $$b
+	$(PY) -m scripts.figures curves $(A)/curves.png \
+	    --runs "{'3D autoencoder': '$(A)/3d_tb', 'slice-wise autoencoder': '$(A)/slice_tb'}"
 	$(MAKE) study-autoencoder-ceilings
 
 # The ceilings alone (the centre 192x192 of each validation slice, every slice), after study-autoencoder's training.

@@ -77,6 +77,12 @@ class SliceAutoencoderKL(AutoencoderKL):
         return self._unfold(super().decode(self._fold(z)), z.shape[0])
 
 
+def slice_wise_target(target: str) -> bool:
+    """Whether a config's ``autoencoder_def#_target_`` names ``SliceAutoencoderKL`` (for configs that need the
+    latent grid without building the network)."""
+    return target.rsplit(".", 1)[-1] == SliceAutoencoderKL.__name__
+
+
 class ReconstructionInferer(Inferer):
     """Whole-volume reconstruction through ``reconstruct_volume``, for evaluators: the same windowed path as
     inference, so validation measures what users get."""

@@ -65,14 +65,13 @@ def _autoencoder_cases() -> dict:
     """The full-size autoencoder of configs/inference.json: one training step on a patch and one decoded inference
     window."""
     from monai.bundle import ConfigParser
-    from scripts.autoencoder import decode_volume, downsample_factor
+    from scripts.autoencoder import decode_volume, latent_roi
 
     common = definitions()
     parser = ConfigParser({"ae": common["autoencoder_def"]})
     ae = parser.get_parsed_content("ae")
     patch = common["patch_size"]
-    f = downsample_factor(ae)
-    latent_roi = [r // f for r in common["sliding_window"]["roi_size"]]  # one inference window
+    window = latent_roi(ae, common["sliding_window"]["roi_size"])  # one inference window
 
     def train_step():
         x = torch.rand(1, 1, *patch)
@@ -81,7 +80,7 @@ def _autoencoder_cases() -> dict:
 
     def decode_window():
         with torch.no_grad():
-            decode_volume(ae, torch.randn(1, common["autoencoder_def"]["latent_channels"], *latent_roi), latent_roi)
+            decode_volume(ae, torch.randn(1, common["autoencoder_def"]["latent_channels"], *window), window)
 
     return {"AE train step (1 patch)": train_step, "AE decode 1 latent window": decode_window}
 
@@ -90,13 +89,14 @@ def windows_for(shape: tuple[int, ...] = (512, 512, 256)) -> str:
     """How many decode windows a volume needs with the main job's window settings."""
     import math
 
-    from scripts.autoencoder import _starts
+    from scripts.autoencoder import _starts, slice_wise_target
 
     common = definitions()
-    factor = 2 ** (len(common["autoencoder_def"]["channels"]) - 1)
-    roi = [r // factor for r in common["sliding_window"]["roi_size"]]
+    f = 2 ** (len(common["autoencoder_def"]["channels"]) - 1)
+    factors = (f, f, 1 if slice_wise_target(common["autoencoder_def"]["_target_"]) else f)
+    roi = [r // k for r, k in zip(common["sliding_window"]["roi_size"], factors)]
     step = [max(1, int(r * (1 - common["sliding_window"]["overlap"]))) for r in roi]
-    n = math.prod(len(_starts(s // factor, r, st)) for s, r, st in zip(shape, roi, step))
+    n = math.prod(len(_starts(s // k, r, st)) for s, k, r, st in zip(shape, factors, roi, step))
     return (
         f"full-size autoencoder {common['autoencoder_def']['channels']}, patch {common['patch_size']}; "
         f"a {'x'.join(map(str, shape))} volume decodes in {n} latent windows of {roi}"

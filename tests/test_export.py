@@ -86,6 +86,43 @@ def test_ckpt_export_of_the_autoencoder_halves_and_the_regression_peer(weights, 
         torch.testing.assert_close(ts(x), reg(x), rtol=1e-4, atol=1e-5)
 
 
+def test_slice_wise_autoencoder_halves_export_and_keep_every_slice(tmp_path):
+    """The default autoencoder is slice-wise: its traced halves take volumes of any shape (slices folded into the
+    batch inside the trace) and match the eager network; the exported files keep its latent grid (x/f, y/f, z)."""
+    from scripts.autoencoder import SliceAutoencoderKL, downsample_factors
+    from scripts.export import ExportedAutoencoder
+
+    slice_wise = {"autoencoder_def#_target_": "scripts.autoencoder.SliceAutoencoderKL"}
+    parser = ConfigParser(json.loads(Path(TINY).read_text()))
+    parser.update(slice_wise)
+    torch.manual_seed(0)
+    ae = parser.get_parsed_content("autoencoder_def").eval()
+    assert isinstance(ae, SliceAutoencoderKL)
+    torch.save(ae.state_dict(), tmp_path / "autoencoder.pt")
+    halves = {}
+    for half, shape in (("encoder", [1, 1, 32, 32, 8]), ("decoder", [1, 2, 8, 8, 8])):
+        halves[half] = export(
+            f"{half}_def",
+            ["inference.json", "export.json"],
+            tmp_path / "autoencoder.pt",
+            tmp_path / f"{half}.ts",
+            use_trace=True,
+            input_shape=shape,
+            **slice_wise,
+        )
+    x = torch.rand(2, 1, 48, 32, 5)  # another batch, shape and slice count than the trace's
+    with torch.no_grad():
+        z = ae.encode(x)[0]
+        assert z.shape == (2, 2, 24, 16, 5)
+        torch.testing.assert_close(halves["encoder"](x), z, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(halves["decoder"](z), ae.decode(z), rtol=1e-4, atol=1e-5)
+    exported = ExportedAutoencoder(halves["encoder"], halves["decoder"], 2, 2, slice_wise=True)
+    assert downsample_factors(exported) == downsample_factors(ae) == (2, 2, 1)
+    flag = ConfigParser(parser.config, globals={"scripts": "scripts"})
+    flag["flag"] = "$scripts.autoencoder.slice_wise_target(@autoencoder_def#_target_)"  # inference_exported.json's
+    assert flag.get_parsed_content("flag") is True
+
+
 def test_traced_denoiser_matches_and_the_main_job_runs_from_exported_files(crops, weights, tmp_path):
     exported = tmp_path / "exported"
     exported.mkdir()

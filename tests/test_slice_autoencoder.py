@@ -123,3 +123,27 @@ def test_main_job_with_a_slice_autoencoder_keeps_grid_and_units(tmp_path):
         ends = [img.affine @ np.array([0, 0, k, 1.0]) for k in (-0.5, shape[2] - 0.5)]
         np.testing.assert_allclose([e[2] for e in ends], [29.0, 49.0], atol=1e-4)  # same FOV along z
         np.testing.assert_allclose(img.affine[:2], affine[:2], atol=1e-5)
+
+
+def test_the_default_is_slice_wise_and_the_3d_override_loads_3d_weights(tmp_path):
+    """``configs/inference.json``'s autoencoder keeps every slice in its latent; ``configs/autoencoder_3d.json``
+    after it builds the 3D one of the same widths, into which 3D weights load, and gives the prior its 3D latent
+    patch."""
+    from scripts.autoencoder import load_autoencoder_weights
+    from scripts.enhance import inference_parser
+
+    default = inference_parser(["configs/inference.json"], load_networks=False)
+    three_d = inference_parser(["configs/inference.json", "configs/autoencoder_3d.json"], load_networks=False)
+    ae, ae3d = default.get_parsed_content("autoencoder_def"), three_d.get_parsed_content("autoencoder_def")
+    assert isinstance(ae, SliceAutoencoderKL) and type(ae3d) is AutoencoderKL
+    assert ae3d.encoder.channels == ae.encoder.channels
+    with torch.no_grad():
+        assert ae.eval().encode(torch.rand(1, 1, 16, 16, 5))[0].shape == (1, 4, 4, 4, 5)
+    torch.manual_seed(0)
+    saved = three_d.get_parsed_content("autoencoder_def", lazy=False)  # another instance, other weights
+    torch.save(saved.state_dict(), tmp_path / "autoencoder.pt")
+    loaded = load_autoencoder_weights(ae3d, tmp_path / "autoencoder.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), saved.state_dict().values()))
+    for extra, patch in (([], [32, 32, 16]), (["configs/autoencoder_3d.json"], [32, 32, 8])):
+        parser = inference_parser(["configs/train_diffusion.json", *extra], load_networks=False)
+        assert list(parser.get_parsed_content("latent_patch_size")) == patch
