@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(PY) -m scripts.bench sizes
 	$(PY) -m scripts.bench engine
 	$(PY) -m scripts.bench all
+	$(PY) -m scripts.bench main
 	$(PY) -m scripts.bench enhance
 	$(PY) -m scripts.bench posterior
 	$(PY) -m scripts.bench demo

@@ -409,6 +409,62 @@ def demo_bench(steps: int = 10) -> None:
         )
 
 
+MAIN_JOB_CASES = (
+    "ours: same-grid restoration",
+    "ours: 5 -> 2.5 mm + data consistency",
+    "denoise gaussian 0.8 mm",
+    "denoise nlm (2D slices)",
+    *(["denoise bm4d (optional package)"] if bm4d_available() else []),
+)
+
+
+def _main_job_case(name: str, shape: tuple[int, int, int], queue: mp.Queue) -> None:
+    """One case of ``main_job_bench`` in this (fresh) process: the main job's default method with the shipped
+    weights of ``models/``, or a classical denoiser, on a noisy synthetic CT of ``shape``."""
+    from monai.data import MetaTensor
+    from scripts.baselines import bm4d_denoise, gaussian_denoise, nlm_denoise
+    from scripts.enhance import enhance_volume, inference_parser
+
+    torch.manual_seed(0)
+    x = _volume(shape) + 20 * torch.randn(shape)
+    affine = np.diag([*SPACING, 1.0])
+    networks = inference_parser(["configs/inference.json"], ckpt_dir="models").get_parsed_content("networks")
+    thick = MetaTensor(x[:, :, ::2][None], affine=torch.as_tensor(np.diag([*SPACING[:2], 2 * SPACING[2], 1.0])))
+    image = MetaTensor(x[None], affine=torch.as_tensor(affine))
+    common = {"modality": "ct", "method": "regression", "amp": True, "progress": False}
+    cases = {
+        "ours: same-grid restoration": lambda: enhance_volume(image, networks, **common),
+        "ours: 5 -> 2.5 mm + data consistency": lambda: enhance_volume(
+            thick, networks, list(SPACING), consistency=True, **common
+        ),
+        "denoise gaussian 0.8 mm": lambda: gaussian_denoise(x, affine, 0.8),
+        "denoise nlm (2D slices)": lambda: nlm_denoise(x),
+        "denoise bm4d (optional package)": lambda: bm4d_denoise(x),
+    }
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    cases[name]()
+    seconds = time.perf_counter() - t0
+    queue.put((seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20))
+
+
+def main_job_bench(shape: tuple[int, int, int] = (512, 512, 128)) -> None:
+    """``python -m scripts.bench main``: the main job as it ships (``configs/inference.json``'s default, the
+    regression stage with the weights of ``models/``, bfloat16 on a CPU) on a ``shape`` CT, on its own grid (the CT
+    denoiser) and 5 -> 2.5 mm (the super-resolution network with data consistency), then the classical denoisers on
+    the same volume; seconds and peak memory, each case in a fresh process."""
+    ctx = mp.get_context("spawn")
+    print(f"CT {tuple(shape)} at {SPACING} mm (the 5 mm case: every other slice); {torch.get_num_threads()} threads")
+    print(f"{'case':<40} {'seconds':>8} {'peak GiB':>9}")
+    for name in MAIN_JOB_CASES:
+        q = ctx.Queue()
+        p = ctx.Process(target=_main_job_case, args=(name, tuple(shape), q))
+        p.start()
+        seconds, peak = q.get()
+        p.join()
+        print(f"{name:<40} {seconds:8.1f} {peak:9.2f}")
+
+
 def main() -> None:
     ctx = mp.get_context("spawn")
     print(
@@ -434,6 +490,7 @@ if __name__ == "__main__":
             "all": main,
             "seams": seams,
             "enhance": enhance_bench,
+            "main": main_job_bench,
             "posterior": posterior_bench,
             "demo": demo_bench,
             "sizes": sizes,
