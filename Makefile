@@ -251,6 +251,8 @@ study-two-stage-results: $(STAMP)
 	    --tasks "$(CHAIN_TASKS)" --crop "[192,192,-1]" \
 	    --sliding_window "{'roi_size': [192, 192, 32], 'overlap': 0.25, 'sampling_overlap': 0.5}" \
 	    > $(C)/logs/results.log 2>&1
+	$(PY) -m scripts.figures curves $(C)/curves.png --runs "{'prior': '$(C)/diffusion', \
+	    'one-stage ControlNet': '$(C)/one_tb', 'two-stage ControlNet': '$(C)/two_tb'}"
 
 # For training on the development GPU machine (the library's device tool; its Python 3.12 has torch but not these):
 # the missing wheels in .whl/ and the development region split in .data/regions/, both git-ignored, about 28 MB

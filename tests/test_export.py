@@ -49,24 +49,27 @@ def export(net_id: str, configs: list[str], ckpt_file: Path, filepath: Path, **k
     return ts
 
 
+def export_halves(ckpt_file: Path, folder: Path, encoder_shape: list[int], **overrides) -> dict:
+    """The autoencoder's traced halves from ``ckpt_file``, written to ``folder/encoder.ts`` and ``folder/decoder.ts``
+    (the tiny latent has 2 channels)."""
+    return {
+        half: export(
+            f"{half}_def",
+            ["inference.json", "export.json"],
+            ckpt_file,
+            folder / f"{half}.ts",
+            use_trace=True,
+            input_shape=shape,
+            **overrides,
+        )
+        for half, shape in (("encoder", encoder_shape), ("decoder", [1, 2, 8, 8, 8]))
+    }
+
+
 def test_ckpt_export_of_the_autoencoder_halves_and_the_regression_peer(weights, tmp_path):
     ae = tiny_net("autoencoder", weights)
-    enc = export(
-        "encoder_def",
-        ["inference.json", "export.json"],
-        weights / "autoencoder.pt",
-        tmp_path / "encoder.ts",
-        use_trace=True,
-        input_shape=[1, 1, 32, 32, 32],
-    )
-    dec = export(
-        "decoder_def",
-        ["inference.json", "export.json"],
-        weights / "autoencoder.pt",
-        tmp_path / "decoder.ts",
-        use_trace=True,
-        input_shape=[1, 2, 8, 8, 8],
-    )
+    halves = export_halves(weights / "autoencoder.pt", tmp_path, [1, 1, 32, 32, 32])
+    enc, dec = halves["encoder"], halves["decoder"]
     x = torch.rand(1, 1, 48, 32, 16)  # another shape than the trace's
     with torch.no_grad():
         z = ae.encode(x)[0]
@@ -99,17 +102,7 @@ def test_slice_wise_autoencoder_halves_export_and_keep_every_slice(tmp_path):
     ae = parser.get_parsed_content("autoencoder_def").eval()
     assert isinstance(ae, SliceAutoencoderKL)
     torch.save(ae.state_dict(), tmp_path / "autoencoder.pt")
-    halves = {}
-    for half, shape in (("encoder", [1, 1, 32, 32, 8]), ("decoder", [1, 2, 8, 8, 8])):
-        halves[half] = export(
-            f"{half}_def",
-            ["inference.json", "export.json"],
-            tmp_path / "autoencoder.pt",
-            tmp_path / f"{half}.ts",
-            use_trace=True,
-            input_shape=shape,
-            **slice_wise,
-        )
+    halves = export_halves(tmp_path / "autoencoder.pt", tmp_path, [1, 1, 32, 32, 8], **slice_wise)
     x = torch.rand(2, 1, 48, 32, 5)  # another batch, shape and slice count than the trace's
     with torch.no_grad():
         z = ae.encode(x)[0]
@@ -135,15 +128,7 @@ def test_traced_denoiser_matches_and_the_main_job_runs_from_exported_files(crops
             torch.testing.assert_close(
                 ts(z, torch.tensor([t]), cond), eager(z, torch.tensor([t]), cond), rtol=1e-4, atol=1e-5
             )
-    for half, shape in (("encoder", [1, 1, 32, 32, 32]), ("decoder", [1, 2, 8, 8, 8])):
-        export(
-            f"{half}_def",
-            ["inference.json", "export.json"],
-            weights / "autoencoder.pt",
-            exported / f"{half}.ts",
-            use_trace=True,
-            input_shape=shape,
-        )
+    export_halves(weights / "autoencoder.pt", exported, [1, 1, 32, 32, 32])
     (exported / "autoencoder_scale.json").write_text((weights / "autoencoder_scale.json").read_text())
 
     outs = {}
