@@ -58,23 +58,25 @@ class SliceAutoencoderKL(AutoencoderKL):
         super().__init__(spatial_dims=2, **kwargs)
 
     @staticmethod
-    def _fold(x: torch.Tensor) -> torch.Tensor:
+    def fold_slices(x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, X, Y, Z)`` -> ``(B * Z, C, X, Y)``: every slice as a 2D image (also the exported halves')."""
         return x.movedim(-1, 1).reshape(-1, *x.shape[1:4])
 
     @staticmethod
-    def _unfold(y: torch.Tensor, batch: int) -> torch.Tensor:
+    def unfold_slices(y: torch.Tensor, batch: int) -> torch.Tensor:
+        """The inverse of ``fold_slices`` for ``batch`` volumes."""
         return y.reshape(batch, -1, *y.shape[1:]).movedim(1, -1)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.ndim == 4:
             return super().encode(x)
-        mu, sigma = super().encode(self._fold(x))
-        return self._unfold(mu, x.shape[0]), self._unfold(sigma, x.shape[0])
+        mu, sigma = super().encode(self.fold_slices(x))
+        return self.unfold_slices(mu, x.shape[0]), self.unfold_slices(sigma, x.shape[0])
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if z.ndim == 4:
             return super().decode(z)
-        return self._unfold(super().decode(self._fold(z)), z.shape[0])
+        return self.unfold_slices(super().decode(self.fold_slices(z)), z.shape[0])
 
 
 def slice_wise_target(target: str) -> bool:

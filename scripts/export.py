@@ -41,7 +41,7 @@ class _AutoencoderPart(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.slice_wise and x.ndim == 5:
-            return SliceAutoencoderKL._unfold(self.half(SliceAutoencoderKL._fold(x)), x.shape[0])
+            return SliceAutoencoderKL.unfold_slices(self.half(SliceAutoencoderKL.fold_slices(x)), x.shape[0])
         return self.half(x)
 
     def half(self, x: torch.Tensor) -> torch.Tensor:
