@@ -185,8 +185,9 @@ release-results: $(STAMP)
 	    > $(R)/logs/$(RESULTS_DIR).log 2>&1
 
 # 2.5D against 3D autoencoder at equal CPU time (AE_SECONDS each, run side by side with one thread each; same
-# widths 16/32/64, same patches), both on the release training volumes; then the autoencoder ceiling (plain, residual decoding, data consistency) on the
-# release validation volumes: CT 5 -> 10 mm (lung1), 3 -> 6 mm (IBSI), MR 1 -> 4 mm (child brain MPRAGE).
+# widths 16/32/64, same patches), both on the release training volumes; then the autoencoder ceiling (plain,
+# residual decoding, data consistency) on the release validation volumes: CT 5 -> 10 mm (lung1), 3 -> 6 mm (IBSI),
+# MR 1 -> 4 mm (child brain MPRAGE).
 A := outputs/study_autoencoder
 AE_SECONDS := 2700
 AE_TRAIN := --max_epochs 1000 --epoch_length 50 --val_interval 2 --lr 0.0005 --batch_size 1 \
