@@ -41,7 +41,7 @@ from scripts.baselines import resample
 from scripts.degradations import kspace_truncate
 from scripts.dicom import new_template, series_template, write_series
 from scripts.diffusion import ControlledDenoiser, unet_divisor
-from scripts.engine import autocast, run_network
+from scripts.engine import autocast, prepare_network, run_network
 from scripts.errors import InputError, OutputExistsError
 from scripts.grid import apply_along_axis, axis_positions, profile_matrix
 from scripts.intensity import denormalize, intensity_params, normalize
@@ -373,15 +373,20 @@ def regress(
     """The regression network over a normalised ``(1, 1, X, Y, Z)`` volume with MONAI's sliding window:
     ``inferer`` (the main job's ``inferer``), else a Gaussian-weighted one with ``sliding_window``'s ``roi_size``
     and ``overlap``; float32 out. The window is clipped to the volume, so that a small volume runs as one window
-    instead of being padded up to the window (an 80x80x48 MR took 23 s in a 256x256 window)."""
+    instead of being padded up to the window (an 80x80x48 MR took 23 s in a 256x256 window); a non-positive size
+    (the main job's default) takes the volume's whole extent. The network is prepared for the device
+    (``scripts.engine.prepare_network``: channels-last weights for bfloat16 on a CPU, 2.3x faster there)."""
     if inferer is None:
         inferer = SlidingWindowInferer(
             sliding_window["roi_size"], sw_batch_size=1, overlap=sliding_window["overlap"], mode="gaussian"
         )
     inferer = copy.copy(inferer)
-    inferer.roi_size = tuple(min(int(r), int(n)) for r, n in zip(ensure_tuple_rep(inferer.roi_size, 3), x.shape[2:]))
+    inferer.roi_size = tuple(
+        int(n) if int(r) <= 0 else min(int(r), int(n))
+        for r, n in zip(ensure_tuple_rep(inferer.roi_size, 3), x.shape[2:])
+    )
     inferer.progress = progress
-    peer = peer.eval()
+    peer = prepare_network(peer, device, amp).eval()
     return inferer(x, lambda t: run_network(peer, t, device, amp)).float()
 
 

@@ -360,3 +360,26 @@ def test_unet_planes_keep_any_shape_and_start_as_the_identity():
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(net)(x), net(x))
         torch.testing.assert_close(identity_start(net, 0.0)(x), x)
+
+
+def test_the_main_job_runs_a_plane_network_once_over_the_whole_volume():
+    """``configs/inference.json``'s ``inferer`` (roi_size -1: the volume's extent) runs the regression stage in one
+    pass, as the network over the whole volume gives, with channels-last weights for bfloat16 on a CPU; a window
+    smaller than the volume still tiles it."""
+    from scripts.enhance import regress
+
+    inferer = ConfigParser.load_config_file(ROOT / "configs" / "inference.json")["inferer"]
+    inferer = ConfigParser({"inferer": inferer}).get_parsed_content("inferer")
+    torch.manual_seed(0)
+    net = PlaneResidualNet(channels=8, layers=3, context=1, axial=True).eval()
+    calls = []
+    net.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(1, 1, 24, 20, 40)  # deeper than the former default window (256x256x32)
+    out = regress(net, x, {}, torch.device("cpu"), amp=True, inferer=inferer)
+    assert len(calls) == 1
+    assert net.body.first_weight().is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = net(x).float()
+    torch.testing.assert_close(out, whole, atol=0.02, rtol=0)
+    tiled = regress(net, x, {"roi_size": [12, 10, 40], "overlap": 0.25}, torch.device("cpu"), amp=False)
+    assert len(calls) > 2 and tiled.shape == x.shape
